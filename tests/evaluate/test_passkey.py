@@ -1,0 +1,141 @@
+"""Passkey prompt construction (length in tokens, depth), scoring, the run loop with stub generators, outputs."""
+
+import json
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from longlora.evaluate import build_passkey_prompt, cmd_eval_passkey, run_passkey, score_answer
+from longlora.evaluate.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION
+from longlora.plots import plot_passkey_accuracy, plot_passkey_heatmap
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer over the prompt's words, digits one token each, BOS prepended like Llama's."""
+    words = sorted(set(re.findall(r"[A-Za-z]+", " ".join([INSTRUCTION, FILLER, KEY_LINE, QUESTION]))))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "[UNK]", ".", "?", *map(str, range(10)), *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]", pad_token="<pad>"
+    )
+
+
+TOKENIZER = tiny_tokenizer()
+FILLER_TOKENS = len(TOKENIZER(FILLER, add_special_tokens=False)["input_ids"])
+
+
+def tiny_llama(positions=512):
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def key_in(prompt):
+    return int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
+
+
+@pytest.mark.parametrize("length", [120, 333, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_prompt_length_within_one_filler(length, depth):
+    prompt, _ = build_passkey_prompt(TOKENIZER, length, depth, key=4213)
+    n = len(TOKENIZER(prompt)["input_ids"])
+    assert length - FILLER_TOKENS < n <= length
+    assert prompt.startswith(INSTRUCTION) and prompt.endswith(QUESTION)
+    assert prompt.count("4213") == 2
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_key_sits_at_requested_depth(depth):
+    length, key = 2000, 31337
+    prompt, position = build_passkey_prompt(TOKENIZER, length, depth, key)
+    ids = TOKENIZER(prompt)["input_ids"]
+    key_line = TOKENIZER(KEY_LINE.format(key=key), add_special_tokens=False)["input_ids"]
+    assert ids[position : position + len(key_line)] == key_line  # the key line starts exactly there
+    assert abs(position / length - depth) < 0.05
+
+
+def test_prompt_arguments_are_checked():
+    with pytest.raises(ValueError, match="depth"):
+        build_passkey_prompt(TOKENIZER, 500, 1.5, 7)
+    with pytest.raises(ValueError, match="key"):
+        build_passkey_prompt(TOKENIZER, 500, 0.5, 50000)
+    with pytest.raises(ValueError, match="shorter"):
+        build_passkey_prompt(TOKENIZER, 20, 0.5, 7)
+
+
+def test_score_answer():
+    assert score_answer(" 4213. Remember it.", 4213)
+    assert score_answer("4213", 4213)
+    assert not score_answer(" 421", 4213)
+    assert not score_answer(" 42130", 4213)
+    assert not score_answer(" 4,213", 4213)
+    assert not score_answer(" no idea", 4213)
+    assert not score_answer(" 7 or 4213", 4213)  # the first integer counts
+
+
+def test_run_passkey_with_stub_generators():
+    lengths, depths = [150, 300], [0.0, 0.5, 1.0]
+    right = run_passkey(None, TOKENIZER, lengths, depths, trials=3, seed=1,
+                        generate_fn=lambda p: f" {key_in(p)}.", progress=False)
+    assert right["accuracy"] == {"150": 1.0, "300": 1.0} and right["overall_accuracy"] == 1.0
+    assert right["grid"] == [[1.0] * 3, [1.0] * 3]
+    assert len(right["records"]) == 2 * 3 * 3
+    keys = [r["key"] for r in right["records"]]
+    assert all(1 <= k < 50000 for k in keys) and len(set(keys)) > 1
+    assert all(r["prompt_tokens"] <= r["length"] for r in right["records"])
+
+    wrong = run_passkey(None, TOKENIZER, lengths, depths, trials=3, seed=1,
+                        generate_fn=lambda p: f" {key_in(p) + 1}.", progress=False)
+    assert wrong["overall_accuracy"] == 0.0 and wrong["accuracy_by_depth"]["300"] == {"0": 0.0, "0.5": 0.0, "1": 0.0}
+    assert [r["key"] for r in wrong["records"]] == keys  # same seed, same keys
+
+    other = run_passkey(None, TOKENIZER, lengths, depths, trials=3, seed=2, generate_fn=lambda p: "", progress=False)
+    assert [r["key"] for r in other["records"]] != keys
+
+    # right only in the first half of depths: per-depth accuracy tells them apart
+    half = run_passkey(None, TOKENIZER, [300], depths, trials=2, seed=0, progress=False,
+                       generate_fn=lambda p: str(key_in(p)) if p.index("pass key is") < len(p) / 4 else "0")
+    assert half["accuracy_by_depth"]["300"] == {"0": 1.0, "0.5": 0.0, "1": 0.0}
+    assert half["accuracy"]["300"] == pytest.approx(1 / 3)
+
+
+def test_run_passkey_with_tiny_model_greedy_decoding():
+    model = tiny_llama()
+    result = run_passkey(model, TOKENIZER, [100], [0.5], trials=2, seed=0, progress=False)
+    assert 0.0 <= result["accuracy"]["100"] <= 1.0
+    assert all(isinstance(r["answer"], str) for r in result["records"])
+    with pytest.raises(ValueError, match="--rope-factor"):
+        run_passkey(model, TOKENIZER, [1024], [0.5], trials=1, progress=False)
+
+
+def test_plots_are_written(tmp_path):
+    result = run_passkey(None, TOKENIZER, [150, 300, 600], [0.0, 0.5, 1.0], trials=2, seed=0, progress=False,
+                         generate_fn=lambda p: str(key_in(p)) if len(p) < 1500 else "0")
+    for plot, name in [(plot_passkey_heatmap, "heat.png"), (plot_passkey_accuracy, "acc.png")]:
+        path = plot(result, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.png", "heat.png"]
+
+
+def test_cmd_eval_passkey_writes_json_and_plots(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    TOKENIZER.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval" / "passkey.json"
+    result = cmd_eval_passkey(str(tmp_path / "model"), lengths=[100, 160], depths=[0.0, 1.0], trials=1, seed=3,
+                              output=out, device="cpu", progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["lengths"] == [100, 160] and saved["label"] == "model"
+    assert saved["records"] == json.loads(json.dumps(result["records"]))
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "passkey.json", "passkey_accuracy.png", "passkey_heatmap.png"
+    ]
