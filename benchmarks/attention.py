@@ -1,0 +1,198 @@
+"""S2-Attn op vs full causal SDPA: forward+backward time and peak memory, side by side, over sequence lengths.
+
+    python benchmarks/attention.py                       # CPU, L = 2k..16k, Hq=8, Hkv=2, D=64, G = L/4
+    python benchmarks/attention.py --device cuda --dtype bf16 --heads 32 --kv-heads 32 --head-dim 128 \
+        --lengths 4096,8192,16384,32768,65536 --backends sdpa,flash
+
+Prints a table, writes JSON and a PNG plot (docs/benchmarks/attention.{json,png} by default).
+Peak memory: CUDA's allocator peak on GPU; on CPU, the peak of bytes held by tensors, tracked by a
+TorchDispatchMode that counts every tensor allocated (inputs excluded) until its storage is freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from longlora.attention import s2_attention  # noqa: E402
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (CPU-friendly stand-in for max_memory_allocated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(_ref, key=key, size=size):
+            self._seen.discard(key)
+            self.live -= size
+
+        weakref.finalize(storage, release, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def make_inputs(length, heads, kv_heads, head_dim, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # the model's layout: (B, L, H, D) projections transposed to (B, H, L, D)
+    q = torch.randn(1, length, heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    return q, k, v
+
+
+def full_attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def measure(fn, q, k, v, repeats):
+    """Median fwd+bwd seconds and peak memory (bytes) of fn(q, k, v).sum().backward()."""
+    device = q.device
+
+    def step():
+        out = fn(q, k, v)
+        out.float().sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakTensorMemory() as tracker:
+            step()
+        peak = tracker.peak
+    return sorted(times)[len(times) // 2], peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="2048,4096,8192,16384")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--group-ratio", type=float, default=0.25)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backends", default="sdpa", help="S2 backends to time: sdpa, flash (CUDA + flash-attn)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--output", default="docs/benchmarks/attention.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    rows = []
+    header = f"{'L':>7} {'G':>6} {'full s':>8} {'s2 s':>8} {'speedup':>8} {'limit':>6} {'full MB':>9} {'s2 MB':>9} {'mem ratio':>9}"
+    print(f"S2-Attn vs full causal SDPA, fwd+bwd, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
+          f"{args.dtype} on {device} ({torch.get_num_threads()} threads)")
+    for backend in backends:
+        print(f"\nS2 backend: {backend}\n{header}")
+        for length in lengths:
+            group = max(2, int(length * args.group_ratio) // 2 * 2)
+            q, k, v = make_inputs(length, args.heads, args.kv_heads, args.head_dim, device, dtype)
+            t_full, m_full = measure(full_attention, q, k, v, args.repeats)
+            t_s2, m_s2 = measure(lambda a, b, c: s2_attention(a, b, c, group, backend=backend), q, k, v, args.repeats)
+            # attention FLOPs: causal full ~ L^2/2 per head, S2 ~ L*G/2 -> limit L/G
+            limit = length / group
+            row = dict(backend=backend, length=length, group_size=group, full_s=t_full, s2_s=t_s2,
+                       speedup=t_full / t_s2, flops_limit=limit, full_peak_mb=m_full / 2**20,
+                       s2_peak_mb=m_s2 / 2**20, memory_ratio=m_s2 / max(m_full, 1))
+            rows.append(row)
+            print(f"{length:>7} {group:>6} {t_full:>8.3f} {t_s2:>8.3f} {row['speedup']:>7.2f}x {limit:>5.1f}x "
+                  f"{row['full_peak_mb']:>9.1f} {row['s2_peak_mb']:>9.1f} {row['memory_ratio']:>9.2f}")
+            del q, k, v
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                group_ratio=args.group_ratio)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    os.replace(tmp, out)
+    plot(rows, meta, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(rows, meta, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in sorted({r["backend"] for r in rows}):
+        rs = [r for r in rows if r["backend"] == backend]
+        ls = [r["length"] for r in rs]
+        ax_t.plot(ls, [r["full_s"] for r in rs], "o-", label=f"full causal SDPA" if backend == "sdpa" else None)
+        ax_t.plot(ls, [r["s2_s"] for r in rs], "s-", label=f"S2-Attn ({backend})")
+        ax_m.plot(ls, [r["full_peak_mb"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
+        ax_m.plot(ls, [r["s2_peak_mb"] for r in rs], "s-", label=f"S2-Attn ({backend})")
+        for r in rs:
+            ax_t.annotate(f"{r['speedup']:.2f}x", (r["length"], r["s2_s"]), textcoords="offset points",
+                          xytext=(0, -12), ha="center", fontsize=8)
+    for ax, title, ylabel in ((ax_t, "forward+backward time", "seconds"), (ax_m, "peak memory", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (G = L/4)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"S2-Attn vs full attention: Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
+                 f"{meta['dtype']} {meta['device']}")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
