@@ -35,8 +35,8 @@ _GLOBAL_LAYER_TYPE = "full_attention"
 _LONGROPE_ONLY_MODEL_TYPES = {"phi3", "phi4_multimodal"}
 
 
-def _rope_entry(config) -> tuple[dict[str, Any], str | None]:
-    """The rope-parameters dict position interpolation reads and writes, and its layer-type key (None if flat).
+def _rope_entry(config) -> dict[str, Any]:
+    """The rope-parameters dict position interpolation reads and writes (raises for a model without RoPE).
 
     Per-layer-type configs (Gemma-3: {"sliding_attention": ..., "full_attention": ...}) are scaled in their
     full-attention entry only: sliding-window layers never see a position difference beyond their window, so their
@@ -52,13 +52,13 @@ def _rope_entry(config) -> tuple[dict[str, Any], str | None]:
         )
     nested_keys = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
     if not nested_keys:
-        return params, None
+        return params
     if params.get(_GLOBAL_LAYER_TYPE) is None:
         raise ValueError(
             f"{type(config).__name__} gives RoPE parameters per layer type ({', '.join(nested_keys)}) but none for "
             f"{_GLOBAL_LAYER_TYPE!r} layers; do not know which entry to scale"
         )
-    return params[_GLOBAL_LAYER_TYPE], _GLOBAL_LAYER_TYPE
+    return params[_GLOBAL_LAYER_TYPE]
 
 
 def _rope_type(params: dict[str, Any]) -> str:
@@ -96,7 +96,7 @@ def original_context_length(config) -> int:
     `max_position_embeddings` is the answer: the context a linearly extended model was extended to, and the
     reference length of dynamic NTK, which transformers keeps at the pretraining context.)
     """
-    params, _ = _rope_entry(config)
+    params = _rope_entry(config)
     recorded = params.get("original_max_position_embeddings")
     if _rope_type(params) != "default" and recorded:
         return int(recorded)
@@ -111,7 +111,7 @@ def _covered_context(config) -> tuple[int, int | float]:
     Linear scaling records no o, so its covered context is `max_position_embeddings`, which is what
     `apply_position_interpolation` writes.
     """
-    params, _ = _rope_entry(config)
+    params = _rope_entry(config)
     rope_type = _rope_type(params)
     max_positions = _max_positions(config)
     if rope_type == "default":
@@ -139,7 +139,7 @@ def rope_factor_for(config, context_length: int) -> int | float:
 
 
 def _below_message(config, context_length: int, covered: int, factor: int | float) -> str:
-    params, _ = _rope_entry(config)
+    params = _rope_entry(config)
     scaled = "" if factor == 1 else f" with its {_rope_type(params)} x{factor} RoPE scaling"
     return (
         f"context_length={context_length} is below the {covered} positions this model already handles{scaled}; "
@@ -199,7 +199,7 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length <= 0:
         raise ValueError(f"context_length must be a positive integer number of tokens, got {context_length!r}")
     config = copy.deepcopy(config)
-    params, _ = _rope_entry(config)
+    params = _rope_entry(config)
     max_positions = _max_positions(config)
 
     if scaling == "none":
