@@ -1,0 +1,186 @@
+"""S2-Attn inside transformers, through its attention interface (no monkey-patching of model classes).
+
+`import longlora` registers the attention implementation "s2_sdpa" in `AttentionInterface` and, under the same name,
+SDPA's own mask builder in `AttentionMaskInterface` (a name missing there silently gets attention_mask=None). The name
+contains "sdpa" so transformers applies SDPA's dispatch checks to it.
+
+In training mode (`module.training`) the attention is S2; in eval mode it *is* transformers' SDPA function, called
+with the same arguments, so evaluation and generation (KV cache included) are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import BACKENDS, s2_attention, token_layout
+
+S2_ATTENTION = "s2_sdpa"
+
+
+@dataclass
+class S2Settings:
+    """How a model's attention layers run S2 in training mode (stored on each attention module)."""
+
+    group_size: int | None = None
+    """Tokens per group; None = group_size_ratio x the current sequence length (the paper's behaviour)."""
+    group_size_ratio: float = 0.25
+    """Group size as a fraction of the sequence length when group_size is None (paper: 1/4)."""
+    shift: bool = True
+    """Shift half of the heads by group_size/2; False gives the paper's no-shift ablation ("short" attention)."""
+    backend: str = "auto"
+    """sdpa | flash (flash-attn varlen, CUDA) | auto."""
+
+    def __post_init__(self):
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2
+            or self.group_size % 2
+        ):
+            raise ValueError(f"group_size must be an even integer >= 2 or None; got {self.group_size!r}")
+        if not 0 < self.group_size_ratio <= 1:
+            raise ValueError(f"group_size_ratio must be in (0, 1]; got {self.group_size_ratio!r} (paper: 0.25)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
+
+    def group_size_for(self, length: int) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return max(2, int(length * self.group_size_ratio) // 2 * 2)
+
+
+_DEFAULT_SETTINGS = S2Settings()
+
+# Config attributes that change the attention scores in a way S2's SDPA path cannot reproduce.
+_UNSUPPORTED_FEATURES = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+}
+
+
+def _layout_from_mask(mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
+                      device: torch.device):
+    """Real tokens and document starts, read off the 4-D mask transformers built (diagonal and sub-diagonal only)."""
+    real = boundaries = None
+    if mask is not None:
+        if mask.shape[-1] != length or mask.shape[-2] != length:
+            raise ValueError(
+                f"S2-Attn trains on whole sequences without a KV cache, but got a {tuple(mask.shape)} mask for "
+                f"{length} queries. Train with use_cache=False, or call model.eval() for generation."
+            )
+        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+        allowed = allowed.expand(batch, length, length)  # (B, L, L)
+        real = allowed.diagonal(dim1=1, dim2=2)  # (B, L): a token sees itself iff it is real
+        sees_prev = allowed.diagonal(offset=-1, dim1=1, dim2=2)  # (B, L-1): token t sees t-1
+        boundaries = torch.zeros_like(real)
+        # a real token right after a real token it cannot see starts a new packed document
+        boundaries[:, 1:] = real[:, 1:] & real[:, :-1] & ~sees_prev
+    return token_layout(batch, length, device, attention_mask=real, position_ids=position_ids,
+                        doc_boundaries=boundaries)
+
+
+def s2_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: S2 in training mode, transformers' SDPA in eval mode.
+
+    query (B, Hq, L, D), key/value (B, Hkv, L, D) -> ((B, L, Hq, D), None).
+    """
+    if not module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"{type(module).__name__} uses attention logit soft-capping, which S2-Attn (SDPA-based) cannot apply. "
+            "Train this architecture with attention='full'."
+        )
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"S2-Attn is for causal decoders; {type(module).__name__} is not causal.")
+    settings = getattr(module, "s2_settings", _DEFAULT_SETTINGS)
+    b, _, length, _ = query.shape
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.shape[-1] != length:
+        position_ids = None
+    layout = _layout_from_mask(attention_mask, position_ids, b, length, query.device)
+    out = s2_attention(
+        query, key, value, settings.group_size_for(length),
+        shift=settings.shift, scale=scaling, dropout=dropout, sliding_window=kwargs.get("sliding_window"),
+        backend=settings.backend, layout=layout,
+    )  # (B, Hq, L, D)
+    return out.transpose(1, 2), None  # (B, L, Hq, D), as transformers expects
+
+
+def register() -> None:
+    """Register "s2_sdpa" with transformers (idempotent; done on `import longlora`)."""
+    AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
+    AttentionMaskInterface.register(S2_ATTENTION, sdpa_mask)
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The modules that call transformers' attention interface (LlamaAttention, GPTNeoXAttention, ...)."""
+    return [m for m in _base_model(model).modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "config") and hasattr(m, "layer_idx")]
+
+
+def check_s2_support(model) -> None:
+    """Raise a ValueError naming the architecture when S2-Attn cannot run on it."""
+    base = _base_model(model)
+    config = base.config
+    arch = type(base).__name__
+    configs = [config] + [getattr(config, k) for k in ("text_config",) if getattr(config, k, None) is not None]
+    for cfg in configs:
+        for attr, what in _UNSUPPORTED_FEATURES.items():
+            if getattr(cfg, attr, None) is not None:
+                raise ValueError(
+                    f"{arch} uses {what} ({attr}={getattr(cfg, attr)}), which S2-Attn cannot honour. "
+                    "Train it with attention='full'."
+                )
+    if not getattr(base, "_supports_attention_backend", False) or not attention_modules(base):
+        raise ValueError(
+            f"{arch} does not route its attention through transformers' AttentionInterface, so S2-Attn cannot be "
+            "switched on. Supported: RoPE decoders such as Llama, Mistral, Qwen2/3, Gemma, Gemma-3, Phi-3, GPT-NeoX."
+        )
+
+
+def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: float = 0.25, *, shift: bool = True,
+                        backend: str = "auto"):
+    """Switch a loaded model (or PEFT model) to S2-Attn for training; eval mode keeps full attention. Returns it.
+
+    group_size=None uses group_size_ratio x the current sequence length (the paper's default 1/4); an int fixes it.
+    """
+    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend=backend)
+    check_s2_support(model)
+    register()
+    _base_model(model).set_attn_implementation(S2_ATTENTION)
+    for module in attention_modules(model):
+        module.s2_settings = settings
+    return model
+
+
+def disable_s2_attention(model):
+    """Restore transformers' SDPA attention. Returns the model."""
+    _base_model(model).set_attn_implementation("sdpa")
+    for module in attention_modules(model):
+        if hasattr(module, "s2_settings"):
+            del module.s2_settings
+    return model
+
+
+def s2_enabled(model) -> bool:
+    return getattr(_base_model(model).config, "_attn_implementation", None) == S2_ATTENTION
+
+
+register()

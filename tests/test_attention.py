@@ -1,0 +1,210 @@
+"""s2_attention against an independent dense-mask reference: values, gradients, causality, padding, packing."""
+
+import pytest
+import torch
+
+from longlora.attention import flash_available, s2_attention, s2_dense_mask
+from s2_reference import reference_attention, reference_mask
+
+
+def rand_qkv(b, hq, hk, length, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # (B, L, H, D) transposed, as a model produces them
+    q = torch.randn(b, length, hq, d, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, length, hk, d, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, length, hk, d, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    return q, k, v
+
+
+def check_against_reference(q, k, v, group_size, *, atol, real=None, **kw):
+    b, hq, length, _ = q.shape
+    mask = reference_mask(length, hq, group_size, real=real, batch=b, shift=kw.get("shift", True),
+                          position_ids=kw.get("position_ids"), sliding_window=kw.get("sliding_window"))
+    out = s2_attention(q, k, v, group_size, attention_mask=real, **kw)
+    ref = reference_attention(q, k, v, mask)
+    keep = torch.ones(b, length, dtype=torch.bool) if real is None else real.bool()
+    keep = keep[:, None, :, None]  # padded query rows are unspecified in the reference
+    torch.testing.assert_close(out * keep, ref * keep, atol=atol, rtol=0)
+    # gradients through both, with the same random upstream gradient on real rows
+    grad_out = torch.randn_like(out) * keep
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=atol * 10, rtol=0)
+    return out
+
+
+SHAPES = [
+    # b, hq, hk, length, group
+    (2, 8, 2, 64, 16),  # GQA, L a multiple of G
+    (1, 9, 3, 50, 16),  # odd heads, kv heads split across the plain/shifted halves, L not a multiple of G
+    (2, 4, 4, 37, 8),  # MHA, ragged tail
+    (1, 1, 1, 20, 4),  # a single (shifted) head
+    (2, 4, 2, 10, 64),  # G >= L: plain heads see everything causally, shifted heads split at G/2
+    (1, 6, 2, 200, 64),  # several buckets in the shifted half (32-token head group, full groups, tail)
+]
+
+
+@pytest.mark.parametrize("b,hq,hk,length,group", SHAPES)
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_matches_reference(b, hq, hk, length, group, dtype, atol):
+    q, k, v = rand_qkv(b, hq, hk, length, dtype=dtype)
+    check_against_reference(q, k, v, group, atol=atol)
+
+
+@pytest.mark.parametrize("b,hq,hk,length,group", SHAPES[:3])
+def test_no_shift_and_sliding_window(b, hq, hk, length, group):
+    q, k, v = rand_qkv(b, hq, hk, length)
+    check_against_reference(q, k, v, group, atol=1e-10, shift=False)
+    check_against_reference(q, k, v, group, atol=1e-10, sliding_window=5)
+
+
+def test_no_shift_is_plain_block_attention():
+    q, k, v = rand_qkv(1, 4, 2, 32)
+    out = s2_attention(q, k, v, 8, shift=False)
+    # each group of 8 alone is ordinary causal attention
+    for start in range(0, 32, 8):
+        sl = slice(start, start + 8)
+        alone = s2_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], 8, shift=False)
+        torch.testing.assert_close(out[:, :, sl], alone, atol=1e-12, rtol=0)
+
+
+def test_shifted_heads_really_differ_and_do_not_wrap():
+    """The paper's roll(-G/2) lets the first tokens see the last ones; ours must not."""
+    q, k, v = rand_qkv(1, 2, 2, 16)
+    mask = s2_dense_mask(16, 2, 8)
+    assert mask[0, 1, 3].nonzero().flatten().tolist() == [0, 1, 2, 3]  # shifted head, first half-group [0, 4)
+    assert mask[0, 1, 4].nonzero().flatten().tolist() == [4]  # a new shifted group starts at G/2
+    assert mask[0, 0, 4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # plain head: group [0, 8)
+    assert not mask[0, :, :, 12:].tril(-1)[:, :12].any()  # nothing before 12 sees the tail
+    out = s2_attention(q, k, v, 8)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_library_dense_mask_matches_reference_mask():
+    real = torch.ones(2, 30, dtype=torch.bool)
+    real[0, :4] = False
+    pos = torch.cat([torch.arange(11), torch.arange(19)])[None].expand(2, 30)
+    for kw in (dict(), dict(attention_mask=real), dict(position_ids=pos), dict(sliding_window=3, shift=False)):
+        ours = s2_dense_mask(30, 5, 8, **kw)
+        ref = reference_mask(30, 5, 8, real=kw.get("attention_mask"), position_ids=kw.get("position_ids"),
+                             sliding_window=kw.get("sliding_window"), shift=kw.get("shift", True), batch=ours.shape[0])
+        rows = (real if "attention_mask" in kw else torch.ones_like(real))[: ours.shape[0], None, :, None]
+        assert torch.equal(ours & rows, ref & rows)
+
+
+def test_causal_later_tokens_never_change_earlier_outputs():
+    q, k, v = rand_qkv(2, 6, 2, 48)
+    out = s2_attention(q, k, v, 16)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    q2 = q.detach().clone()
+    q2[:, :, 30:] += 5.0
+    k2[:, :, 30:] += 5.0
+    v2[:, :, 30:] -= 3.0
+    out2 = s2_attention(q2, k2, v2, 16)
+    torch.testing.assert_close(out[:, :, :30], out2[:, :, :30], atol=1e-12, rtol=0)
+    assert not torch.allclose(out[:, :, 30:], out2[:, :, 30:])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_changes_nothing_for_real_tokens(side):
+    n_real, pad = 37, 11
+    q, k, v = rand_qkv(1, 4, 2, n_real)
+    alone = s2_attention(q, k, v, 8)
+    zeros = lambda t: torch.zeros(1, t.shape[1], pad, t.shape[3], dtype=t.dtype)  # noqa: E731
+    parts = (lambda t: torch.cat([zeros(t), t], 2)) if side == "left" else (lambda t: torch.cat([t, zeros(t)], 2))
+    qp, kp, vp = parts(q), parts(k), parts(v)
+    real = torch.zeros(1, n_real + pad, dtype=torch.bool)
+    real[:, pad:] if side == "left" else None
+    if side == "left":
+        real[:, pad:] = True
+        sl = slice(pad, None)
+    else:
+        real[:, :n_real] = True
+        sl = slice(0, n_real)
+    padded = s2_attention(qp, kp, vp, 8, attention_mask=real)
+    torch.testing.assert_close(padded[:, :, sl], alone, atol=1e-12, rtol=0)
+    assert padded[:, :, ~real[0]].abs().max() == 0  # padded positions give 0
+    check_against_reference(qp, kp, vp, 8, atol=1e-10, real=real)
+
+
+def test_batch_with_mixed_padding_matches_each_row_alone():
+    q, k, v = rand_qkv(3, 4, 2, 40)
+    real = torch.ones(3, 40, dtype=torch.bool)
+    real[0, :7] = False
+    real[2, 33:] = False
+    out = s2_attention(q, k, v, 8, attention_mask=real)
+    for row in range(3):
+        idx = real[row].nonzero().flatten()
+        alone = s2_attention(*(t[row:row + 1, :, idx] for t in (q, k, v)), 8)
+        torch.testing.assert_close(out[row:row + 1, :, idx], alone, atol=1e-12, rtol=0)
+
+
+def test_packing_equals_each_document_alone():
+    lengths = [13, 29, 6]
+    q, k, v = rand_qkv(1, 4, 2, sum(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out = s2_attention(q, k, v, 8, position_ids=pos)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        alone = s2_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], 8)
+        torch.testing.assert_close(out[:, :, sl], alone, atol=1e-12, rtol=0)
+        start += n
+    check_against_reference(q, k, v, 8, atol=1e-10, position_ids=pos)
+
+
+def test_group_size_at_least_length_plain_heads_are_full_causal():
+    q, k, v = rand_qkv(1, 2, 2, 12)
+    out = s2_attention(q, k, v, 16, shift=False)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(group_size=3), "even integer"),
+        (dict(group_size=0), "even integer"),
+        (dict(group_size=1.5), "even integer"),
+        (dict(hk=3), "multiple of key/value heads"),
+        (dict(bad_shape=True), "must be"),
+        (dict(mask_len=5), "attention_mask must be"),
+        (dict(backend="cuda-magic"), "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(kwargs, message):
+    hk = kwargs.pop("hk", 2)
+    q, k, v = rand_qkv(1, 4, hk, 16)
+    if kwargs.pop("bad_shape", False):
+        k = k[:, :, :10]
+    extra = {}
+    if "mask_len" in kwargs:
+        extra["attention_mask"] = torch.ones(1, kwargs.pop("mask_len"), dtype=torch.bool)
+    group = kwargs.pop("group_size", 8)
+    with pytest.raises(ValueError, match=message):
+        s2_attention(q, k, v, group, **kwargs, **extra)
+
+
+def test_flash_backend_missing_gives_clear_message():
+    if flash_available():
+        pytest.skip("flash-attn is installed")
+    q, k, v = rand_qkv(1, 4, 2, 16, dtype=torch.float32)
+    with pytest.raises(ImportError, match="flash-attn"):
+        s2_attention(q, k, v, 8, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_available(), reason="needs CUDA and flash-attn")
+def test_flash_backend_matches_sdpa_backend_on_gpu():
+    g = torch.Generator().manual_seed(0)
+    real = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    real[0, :17] = False
+    q = torch.randn(2, 300, 8, 64, generator=g).cuda().bfloat16().transpose(1, 2)
+    k = torch.randn(2, 300, 2, 64, generator=g).cuda().bfloat16().transpose(1, 2)
+    v = torch.randn(2, 300, 2, 64, generator=g).cuda().bfloat16().transpose(1, 2)
+    for kw in (dict(), dict(attention_mask=real), dict(sliding_window=40)):
+        a = s2_attention(q, k, v, 64, backend="flash", **kw).float()
+        b = s2_attention(q, k, v, 64, backend="sdpa", **kw).float()
+        keep = real[:, None, :, None] if "attention_mask" in kw else 1
+        torch.testing.assert_close(a * keep, b * keep, atol=2e-2, rtol=0)
