@@ -54,3 +54,51 @@ def tiny_config(arch: str, **overrides) -> PretrainedConfig:
     config = AutoConfig.for_model(arch, **kwargs)
     config._attn_implementation = "sdpa"
     return config
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE (exact round trip of any text) trained in milliseconds on a stdlib module.
+
+    Special tokens: <pad>=0, <s>=1, </s>=2 (the ids tiny_config uses).
+    """
+    import textwrap
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    with open(textwrap.__file__, encoding="utf-8") as f:
+        tok.train_from_iterator([f.read()], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny random model of `arch` plus tiny_tokenizer() to `path` (a from_pretrained-able directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tokenizer), **overrides))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def stdlib_corpus(path, n_files: int = 6, min_chars: int = 20_000):
+    """Copy a few long stdlib modules (real text, present wherever Python is) into `path` as a corpus directory."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(stdlib.glob("*.py")) if p.stat().st_size >= min_chars][:n_files]
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,181 @@
+"""`longlora` command line: each command is a plain function of the library.
+
+    longlora train [CONFIG.yaml] [--key value ...]      context extension (S2-Attn + LoRA+ + PI)
+    longlora sft [CONFIG.yaml] [--key value ...]        long instruction tuning
+    longlora eval perplexity --model M [--adapter A] --data D --lengths 2048,4096 --output results.json
+    longlora eval passkey --model M --lengths 1024,2048 --depths 0,0.5,1 --trials 5
+    longlora merge --model BASE --adapter DIR --output OUT
+    longlora ask --model M --material FILE --question "..."
+    longlora chat --model M --material FILE
+    longlora convert --model file.gguf --output DIR
+    longlora quickstart [--output DIR] [--fast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    if several:
+        p.add_argument("--model", action="append", default=None,
+                       help="model directory / hub id / .gguf / adapter dir, or label=path; repeat for several")
+    else:
+        p.add_argument("--model", default=None, help="model directory, hub id, .gguf file or adapter directory")
+    p.add_argument("--adapter", default=None, help="a LoRA / LoRA+ adapter directory to apply on top")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="position interpolation at load time (needed for lengths beyond the model's context)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longlora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, what in (("train", "context extension: S2-Attn + LoRA+ + position interpolation"),
+                       ("sft", "supervised fine-tuning on long instruction data (LongAlpaca format)")):
+        p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML file and/or --key value pairs; "
+                           "see configs/ and `longlora {name} --help-options`.", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
+    ev = sub.add_parser("eval", help="perplexity across lengths, passkey retrieval")
+    evsub = ev.add_subparsers(dest="eval_command", required=True)
+    pp = evsub.add_parser("perplexity", help="perplexity at several context lengths (JSON + PNG)")
+    _add_model_args(pp, several=True)
+    pp.add_argument("--data", required=True, help=".bin token file (uint16/uint32) or text / JSONL / directory")
+    pp.add_argument("--lengths", type=_ints, default=[2048, 4096])
+    pp.add_argument("--protocol", choices=["window", "sliding"], default="window")
+    pp.add_argument("--stride", type=int, default=256)
+    pp.add_argument("--max-windows", type=int, default=None)
+    pp.add_argument("--max-tokens", type=int, default=None)
+    pp.add_argument("--batch-size", type=int, default=1)
+    pp.add_argument("--token-dtype", default="uint16", help="dtype of a .bin token file: uint16 | uint32")
+    pp.add_argument("--output", default="runs/eval/perplexity.json")
+    pk = evsub.add_parser("passkey", help="passkey retrieval accuracy by length and depth (JSON + PNGs)")
+    _add_model_args(pk)
+    pk.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    pk.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    pk.add_argument("--trials", type=int, default=5)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--output", default="runs/eval/passkey.json")
+    return parser
+
+
+def _cmd_eval(ns: argparse.Namespace) -> None:
+    from .evaluate import cmd_eval_passkey, cmd_eval_perplexity
+
+    if ns.eval_command == "perplexity":
+        if not ns.model and not ns.adapter:
+            raise ValueError("give --model (repeatable) or --adapter")
+        cmd_eval_perplexity(
+            ns.model or [ns.adapter], adapter=ns.adapter if ns.model else None, data=ns.data, lengths=ns.lengths,
+            protocol=ns.protocol, stride=ns.stride, max_windows=ns.max_windows, max_tokens=ns.max_tokens,
+            batch_size=ns.batch_size, dtype=ns.dtype, rope_factor=ns.rope_factor, output=ns.output,
+            token_dtype=ns.token_dtype, device=ns.device,
+        )
+    else:
+        cmd_eval_passkey(ns.model, adapter=ns.adapter, lengths=ns.lengths, depths=ns.depths, trials=ns.trials,
+                         seed=ns.seed, rope_factor=ns.rope_factor, output=ns.output, dtype=ns.dtype,
+                         device=ns.device)
+
+
+def _option_help(cls) -> str:
+    import dataclasses
+
+    lines = [f"Options of {cls.__name__} (YAML keys or --key value; any TrainingArguments field passes through):"]
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "training_args":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name.replace('_', '-'):<30} {docs.get(f.name, '')} [default: {default!r}]")
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The one-line docstrings under each dataclass field."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def _cmd_train_like(name: str, args: list[str]) -> None:
+    if any(a in ("-h", "--help", "--help-options") for a in args):
+        from .config import TrainConfig
+
+        cls = TrainConfig
+        if name == "sft":
+            from .sft import SFTConfig
+
+            cls = SFTConfig
+        print(f"usage: longlora {name} [CONFIG.yaml] [--key value ...]\n")
+        print(_option_help(cls))
+        return
+    if name == "train":
+        from .train import cmd_train
+
+        cmd_train(args)
+    else:
+        from .sft import cmd_sft
+
+        cmd_sft(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train / sft take free-form --key value options (any config field): parsed by longlora.config, not argparse
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] in ("train", "sft"):
+        ns = argparse.Namespace(command=argv[command_at], args=argv[command_at + 1:],
+                                verbose="--verbose" in argv[:command_at])
+    else:
+        ns = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if ns.command in ("train", "sft"):
+            _cmd_train_like(ns.command, ns.args)
+        elif ns.command == "eval":
+            _cmd_eval(ns)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"longlora {ns.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longlora {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
