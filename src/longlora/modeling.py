@@ -68,7 +68,9 @@ def _check_model_source(model: str) -> None:
     """Local paths must exist; a string that is not a local path must at least look like a hub id."""
     if os.path.exists(model):
         return
-    if model.endswith(".gguf") or not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+    if model.endswith(".gguf"):
+        raise FileNotFoundError(f"GGUF file {model!r} does not exist")
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"model {model!r} not found: not an existing local directory or file, and not a hub id of the form "
             "'org/name'"
@@ -125,11 +127,14 @@ def load_model_and_tokenizer(
         A model that is itself an adapter directory is treated as `adapter=model`.
     adapter: a PEFT adapter directory (LoRA, plus embed/norm weights saved as modules_to_save), loaded on top with
         PeftModel.from_pretrained. If the directory holds a tokenizer (our train command saves one), that tokenizer
-        is used.
+        is used; if it holds a config.json (the base config with the position interpolation used in training, as
+        our train command saves it), that config is used, so the RoPE scaling need not be repeated.
     dtype: 'auto' (checkpoint dtype), 'float32'/'bfloat16'/'float16' or a torch.dtype.
     device: where to put the model; None picks CUDA when available, else CPU.
     rope_factor: position interpolation at load time: the context becomes original * rope_factor, with
-        `rope_scaling` ('linear' is the paper's PI). Applied to the config before the weights load.
+        `rope_scaling` ('linear' is the paper's PI). Applied to the config before the weights load. For a model
+        that is already scaled (a merged LongLoRA model), it stretches on top of that scaling: `original` is then
+        the context the model already handles (see `longlora.rope.apply_position_interpolation`).
     gguf_file: name of a GGUF file inside the `model` directory (alternative to passing the .gguf path).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -153,6 +158,13 @@ def load_model_and_tokenizer(
     gguf_kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
 
     config = AutoConfig.from_pretrained(model, **gguf_kwargs)
+    if adapter is not None and (Path(adapter) / "config.json").is_file():
+        # Our train command saves the base config *with* its position interpolation beside the adapter: the
+        # adapter's weights were trained for that RoPE, so it replaces the base's. The vocabulary stays the base
+        # checkpoint's until the weights are in (a resized embedding is restored from the adapter below).
+        base_vocab = config.vocab_size
+        config = AutoConfig.from_pretrained(adapter)
+        config.vocab_size = base_vocab
     if rope_factor is not None:
         if rope_factor <= 0:
             raise ValueError(f"rope_factor must be > 0, got {rope_factor}")

@@ -131,10 +131,10 @@ def test_cmd_eval_passkey_writes_json_and_plots(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "model")
     TOKENIZER.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval" / "passkey.json"
-    result = cmd_eval_passkey(str(tmp_path / "model"), lengths=[100, 160], depths=[0.0, 1.0], trials=1, seed=3,
+    result = cmd_eval_passkey(f"tiny={tmp_path / 'model'}", lengths=[100, 160], depths=[0.0, 1.0], trials=1, seed=3,
                               output=out, device="cpu", progress=False)
     saved = json.loads(out.read_text())
-    assert saved["lengths"] == [100, 160] and saved["label"] == "model"
+    assert saved["lengths"] == [100, 160] and saved["label"] == "tiny"
     assert saved["records"] == json.loads(json.dumps(result["records"]))
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "passkey.json", "passkey_accuracy.png", "passkey_heatmap.png"

@@ -138,18 +138,19 @@ def cmd_eval_passkey(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Passkey retrieval accuracy by length and depth; writes <output>.json, <output>_heatmap.png and
-    <output>_accuracy.png. `model` may be None (or an adapter directory) when `adapter` names its base."""
+    <output>_accuracy.png. `model` is 'path' or 'label=path'; it may be None (or an adapter directory) when
+    `adapter` names its base model."""
     from longlora.io import write_json
     from longlora.modeling import load_model_and_tokenizer
     from longlora.plots import plot_passkey_accuracy, plot_passkey_heatmap
 
     json_path = _json_output(output, "passkey.json")
+    label, model = parse_model_spec(str(model)) if model is not None else (parse_model_spec(str(adapter))[0], None)
     lm, tokenizer = load_model_and_tokenizer(model, adapter, dtype=dtype, device=device, rope_factor=rope_factor)
     result = run_passkey(lm, tokenizer, lengths, depths, trials=trials, seed=seed,
                          max_new_tokens=max_new_tokens, progress=progress)
     del lm
     _release_memory()
-    label = parse_model_spec(str(adapter or model))[0]
     result = {"label": label, "model": model, "adapter": adapter, "rope_factor": rope_factor, **result}
     write_json(json_path, result)
     stem = json_path.with_suffix("")

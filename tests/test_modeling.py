@@ -1,0 +1,178 @@
+"""The shared loader: plain models, PEFT adapters (base read from the adapter), RoPE scaling at load, errors."""
+
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from longlora.modeling import load_model_and_tokenizer, max_context
+
+POSITIONS = 128
+
+
+def tiny_llama():
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=POSITIONS, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_tokenizer(extra=()):
+    words = ["<pad>", "<s>", "</s>", "[UNK]", *"the sky is blue".split(), *extra]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]", pad_token="<pad>"
+    )
+
+
+IDS = torch.tensor([[1, 4, 5, 6, 7, 4, 5, 6, 7, 3]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_adapter(base_dir, path, *, resize_to=None):
+    """A LoRA+ adapter (q,k,v,o + embed/norm modules_to_save) with non-trivial weights, saved with a tokenizer."""
+    model = LlamaForCausalLM.from_pretrained(base_dir)  # so the adapter records base_dir as its base model
+    tokenizer = tiny_tokenizer(extra=["<extra>"] if resize_to else ())
+    if resize_to:
+        model.resize_token_embeddings(resize_to)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        modules_to_save=["embed_tokens", "norm"])
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:  # LoRA A/B and the trainable embed/norm copies
+                param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return peft_model.eval()
+
+
+def test_plain_model_loads_in_eval_mode_with_sdpa(base_dir):
+    model, tokenizer = load_model_and_tokenizer(str(base_dir), dtype="float32", device="cpu")
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.bos_token == "<s>"
+    assert max_context(model) == POSITIONS
+    torch.testing.assert_close(logits(model), logits(LlamaForCausalLM.from_pretrained(base_dir)))
+
+
+def test_dtype(base_dir):
+    model, _ = load_model_and_tokenizer(base_dir, dtype="bf16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        load_model_and_tokenizer(base_dir, dtype="float8")
+
+
+def test_adapter_loaded_on_top_with_base_from_its_config(base_dir, tmp_path):
+    reference = save_adapter(base_dir, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir
+    )
+    expected = logits(reference)
+    for model_arg, adapter_arg in [(None, tmp_path / "adapter"), (str(base_dir), tmp_path / "adapter"),
+                                   (str(tmp_path / "adapter"), None)]:
+        model, tokenizer = load_model_and_tokenizer(model_arg, adapter_arg, device="cpu")
+        assert not model.training and max_context(model) == POSITIONS
+        torch.testing.assert_close(logits(model), expected)
+    assert not torch.allclose(expected, logits(LlamaForCausalLM.from_pretrained(base_dir)))
+
+
+def test_adapter_with_resized_vocabulary(base_dir, tmp_path):
+    reference = save_adapter(base_dir, tmp_path / "adapter", resize_to=40)
+    model, tokenizer = load_model_and_tokenizer(None, tmp_path / "adapter", device="cpu")
+    assert len(tokenizer) == 9  # the adapter's tokenizer, with the added token
+    assert model.get_input_embeddings().weight.shape[0] == 40
+    ids = torch.tensor([[1, 4, 5, 8, 39]])  # includes a new row of the embedding
+    torch.testing.assert_close(model(input_ids=ids).logits[..., :32], reference(input_ids=ids).logits[..., :32])
+
+
+def test_adapter_config_with_position_interpolation_is_used(base_dir, tmp_path):
+    """train saves the base config with its RoPE scaling beside the adapter; eval must not need --rope-factor."""
+    reference = save_adapter(base_dir, tmp_path / "adapter", resize_to=40)
+    config = reference.get_base_model().config
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    config.max_position_embeddings = 2 * POSITIONS
+    config.save_pretrained(tmp_path / "adapter")  # vocab_size 40 in it: the base checkpoint has 32 rows
+
+    plain, _ = load_model_and_tokenizer(base_dir, device="cpu")
+    model, _ = load_model_and_tokenizer(None, tmp_path / "adapter", device="cpu")
+    assert max_context(model) == 2 * POSITIONS
+    assert model.get_input_embeddings().weight.shape[0] == 40
+    rotary = model.get_base_model().model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, plain.model.rotary_emb.inv_freq / 2)
+
+
+def _fake_rope_module(calls):
+    def apply_position_interpolation(config, context_length, scaling="linear", factor=None):
+        calls.append((context_length, scaling, factor))
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": float(factor)}
+        config.max_position_embeddings = context_length
+        return config
+
+    module = types.ModuleType("longlora.rope")
+    module.apply_position_interpolation = apply_position_interpolation
+    module.original_context_length = lambda config: config.max_position_embeddings
+    return module
+
+
+def test_rope_factor_goes_through_the_rope_contract_before_weights_load(base_dir, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "longlora.rope", _fake_rope_module(calls))
+    plain, _ = load_model_and_tokenizer(base_dir, device="cpu")
+    model, _ = load_model_and_tokenizer(base_dir, device="cpu", rope_factor=4)
+    assert calls == [(4 * POSITIONS, "linear", 4)]
+    assert max_context(model) == 4 * POSITIONS
+    # the rotary embedding was built from the scaled config: linear PI divides every frequency by the factor
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / 4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("longlora.rope") is None, reason="longlora.rope not written yet")
+def test_rope_factor_with_the_real_rope_module(base_dir):
+    model, _ = load_model_and_tokenizer(base_dir, device="cpu", rope_factor=2)
+    assert max_context(model) == 2 * POSITIONS
+    assert model.config.rope_parameters["rope_type"] == "linear"
+    assert model.config.rope_parameters["factor"] == 2
+
+
+def test_missing_paths_raise_clear_errors(base_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model_and_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="adapter directory"):
+        load_model_and_tokenizer(base_dir, tmp_path / "no-adapter")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_model_and_tokenizer(base_dir, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        load_model_and_tokenizer(str(tmp_path / "model.gguf"))
+    with pytest.raises(ValueError, match="adapter"):
+        load_model_and_tokenizer(None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is not None, reason="gguf is installed")
+def test_gguf_without_the_package_says_what_to_install(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ImportError, match="pip install gguf"):
+        load_model_and_tokenizer(str(tmp_path / "model.gguf"))
