@@ -346,9 +346,10 @@ def check_length(model, length: int) -> None:
             original = original_context_length(model_config(model))
         except Exception:  # rope helpers unavailable or config without the information: suggest from the limit
             original = limit
+        factor = math.ceil(length / original)
         raise ValueError(
             f"length {length} exceeds the model's context of {limit} positions (max_position_embeddings); "
-            f"pass --rope-factor {math.ceil(length / original)} (rope_factor=) to evaluate with position "
+            f"pass --rope-factor {factor} (rope_factor={factor} in Python) to evaluate with position "
             "interpolation, or use a model fine-tuned for that length"
         )
 
