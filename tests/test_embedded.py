@@ -1,0 +1,205 @@
+"""The embedded base model: corpus split, tokenizer, a tiny build, determinism, atomic cache."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longlora import embedded
+from longlora.embedded import (
+    EMBEDDED_VERSION,
+    EXCLUDED_DIRS,
+    METADATA_FILE,
+    EmbeddedConfig,
+    build_base_model,
+    embedded_model_path,
+    is_built,
+    stdlib_split,
+    stdlib_texts,
+    train_tokenizer,
+)
+
+# A build small enough for a unit test: 8 training files, a 1-layer model, 3 steps of 2 x 32 tokens.
+TINY = EmbeddedConfig(
+    vocab_size=320,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    context_length=32,
+    batch_size=2,
+    warmup_steps=1,
+    threads=1,
+    max_train_files=8,
+    heldout_windows=4,
+)
+build_tiny = functools.partial(build_base_model, steps=3, config=TINY, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _leftovers(directory: Path, keep: str) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != keep)
+
+
+# ------------------------------------------------------------------------------------------------------ corpus
+
+
+def test_split_is_deterministic_sorted_and_disjoint():
+    train, heldout = stdlib_split()
+    assert (train, heldout) == stdlib_split()
+    assert train == sorted(train) and heldout == sorted(heldout)
+    assert not set(train) & set(heldout)
+    assert len(train) > 200
+    assert 0.02 < len(heldout) / (len(train) + len(heldout)) < 0.10  # ~5%
+    for path in train + heldout:
+        assert path.endswith(".py") and not path.startswith("/") and "\\" not in path
+        assert not set(Path(path).parts[:-1]) & EXCLUDED_DIRS
+    # membership is a function of the relative path alone (not of the machine or the install location)
+    assert all(embedded._is_heldout(p) for p in heldout) and not any(embedded._is_heldout(p) for p in train)
+
+
+def test_split_pins_known_modules():
+    train, heldout = stdlib_split()
+    assert "ast.py" in heldout and "textwrap.py" in heldout and "unittest/case.py" in heldout
+    assert "os.py" in train and "argparse.py" in train
+    assert not any(p.startswith(("tkinter/", "idlelib/", "encodings/")) for p in train + heldout)
+
+
+def test_stdlib_texts_match_the_split():
+    train, heldout = stdlib_split()
+    texts = stdlib_texts("heldout")
+    assert len(texts) == len(heldout)
+    assert texts[heldout.index("ast.py")] == (embedded.stdlib_root() / "ast.py").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="split must be one of"):
+        stdlib_texts("validation")
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_python_source():
+    tokenizer = train_tokenizer(stdlib_texts("train")[:20], vocab_size=512)
+    assert len(tokenizer) == 512
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == 0
+    assert tokenizer.pad_token_id == 1 and tokenizer.bos_token_id == 0
+    source = stdlib_texts("heldout")[0] + '\n\tdef f(x):\n        return "héllo → 世界"  # tabs, UTF-8\n'
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == source  # byte level: exact, indentation and non-ASCII included
+    assert len(ids) < len(source.encode()) / 1.5  # merges were learnt: fewer tokens than bytes
+    # EOS is one token and never produced by text that merely looks like code
+    assert tokenizer("x = 1<|endoftext|>", add_special_tokens=False)["input_ids"][-1] == 0
+
+
+def test_tokenizer_training_is_deterministic():
+    texts = stdlib_texts("train")[:10]
+    first, second = train_tokenizer(texts, 400), train_tokenizer(texts, 400)
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+
+
+# ------------------------------------------------------------------------------------------------------- build
+
+
+def test_tiny_build_writes_a_loadable_model(tiny_build):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = {p.name for p in tiny_build.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", METADATA_FILE} <= names
+    assert _leftovers(tiny_build.parent, keep=tiny_build.name) == []  # the temporary build directory is gone
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_build)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_build)
+    assert model.config.model_type == "llama"
+    assert model.config.max_position_embeddings == 32
+    assert model.config.rope_parameters["rope_theta"] == 10000.0
+    assert model.config.num_key_value_heads == 1 and model.config.tie_word_embeddings
+    assert model.config.vocab_size == len(tokenizer) == 320
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 0
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 1
+
+    ids = tokenizer("import os\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], 320) and torch.isfinite(logits).all()
+
+    meta = json.loads((tiny_build / METADATA_FILE).read_text())
+    assert meta["version"] == EMBEDDED_VERSION and meta["seed"] == 0 and meta["steps"] == 3
+    assert meta["tokens_seen"] == 3 * 2 * 32
+    assert meta["corpus"]["train_files"] == 8
+    assert meta["corpus"]["heldout_paths"] == stdlib_split()[1]
+    assert meta["recipe"]["hidden_size"] == 16
+    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
+    assert 4.0 < meta["final_train_loss"] < 7.0  # about ln(320) = 5.77 after 3 steps
+    assert 50 < meta["heldout_perplexity@32"] < 1000
+
+
+def test_two_builds_with_the_same_seed_are_identical(tiny_build, tmp_path):
+    again = build_tiny(tmp_path / "again")
+    first, second = load_file(tiny_build / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert (tiny_build / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+    other = load_file(build_tiny(tmp_path / "other", seed=1) / "model.safetensors")
+    assert any(not torch.equal(other[name], first[name]) for name in first)  # the seed matters
+
+
+def test_build_refuses_a_non_empty_directory_unless_overwrite(tiny_build, tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_tiny(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    build_tiny(target, overwrite=True)
+    assert is_built(target) and not (target / "notes.txt").exists()
+    assert _leftovers(tmp_path, keep="taken") == []
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="divisible by num_kv_heads"):
+        EmbeddedConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="hidden_size"):
+        EmbeddedConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        build_base_model("unused", steps=0)
+
+
+# ------------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_builds_once_under_its_version(tmp_path, monkeypatch):
+    calls = []
+
+    def counting_build(*args, **kwargs):
+        calls.append(args)
+        return build_tiny(*args, **{k: v for k, v in kwargs.items() if k != "progress"})
+
+    monkeypatch.setattr(embedded, "build_base_model", counting_build)
+    path = embedded_model_path(tmp_path, progress=False)
+    assert path == tmp_path / f"embedded-{EMBEDDED_VERSION}" and is_built(path)
+    assert embedded_model_path(tmp_path, progress=False) == path
+    assert len(calls) == 1  # the second call found the finished build
+
+    monkeypatch.setenv("LONGLORA_CACHE", str(tmp_path))
+    assert embedded_model_path(progress=False) == path and len(calls) == 1
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "_pretrain", interrupted)
+    monkeypatch.setattr(embedded, "build_base_model", build_tiny)
+    with pytest.raises(KeyboardInterrupt):
+        embedded_model_path(tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no half model, no temporary directory
