@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -53,13 +52,16 @@ def make_base(path: Path, tied: bool, hidden: int = 32) -> Path:
     return path
 
 
-def make_adapter(base: Path, path: Path, *, with_config: bool = True):
+def make_adapter(base: Path, path: Path, *, with_config: bool = True, resize_to: int | None = None):
     """What `longlora train` leaves: a LoRA+ adapter with 'trained' (perturbed) weights, the PI config, a tokenizer.
 
     Returns the reference model: base loaded with the PI config + the adapter, through PEFT, in eval mode.
     """
     config = apply_position_interpolation(LlamaConfig.from_pretrained(base), TRAINED_CONTEXT)
     model = LlamaForCausalLM.from_pretrained(base, config=config)
+    if resize_to:  # training added tokens (e.g. a pad token): the trained embedding has more rows
+        model.resize_token_embeddings(resize_to)
+        config = model.config
     peft_model = apply_lora_plus(model, rank=4, alpha=8)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -197,6 +199,19 @@ def test_trained_config_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"hidden_size 48 \(adapter\) vs 32 \(base\)"):
         merge_adapter(base, tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_with_added_tokens(tmp_path):
+    """Training resized the (tied) embedding: the merged model has the trained vocabulary and the same logits."""
+    base = make_base(tmp_path / "base", tied=True)
+    reference = make_adapter(base, tmp_path / "adapter", resize_to=VOCAB + 2)
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["vocab_size"] == VOCAB + 2
+    out = merge_adapter(adapter=tmp_path / "adapter", output=tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.get_input_embeddings().weight.shape[0] == VOCAB + 2
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == VOCAB + 2
+    ids = torch.tensor([[1, 5, VOCAB, 9, VOCAB + 1]])  # the new tokens included
+    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,9 @@ def check_adapter_shapes(model: nn.Module, adapter: str | os.PathLike) -> None:
         if not isinstance(module, nn.Linear) or len(shape) != 2:
             continue  # LoRA on other layer types (Conv1D, embeddings) is checked by PEFT on load
         if lora == ".lora_A." and shape[1] != module.in_features:
-            problems.append(f"{key}: LoRA A {list(shape)} expects in_features {shape[1]}, base has {module.in_features}")
+            problems.append(
+                f"{key}: LoRA A {list(shape)} expects in_features {shape[1]}, base has {module.in_features}"
+            )
         if lora == ".lora_B." and shape[0] != module.out_features:
             problems.append(
                 f"{key}: LoRA B {list(shape)} expects out_features {shape[0]}, base has {module.out_features}"

@@ -1,0 +1,472 @@
+"""Ask a long-context model about a document: `longlora ask` (one question) and `longlora chat` (several turns).
+
+    model, tokenizer = load_model_and_tokenizer("models/llama-32k")
+    answer = ask(model, tokenizer, read_material("paper.pdf"), "What is the main contribution?")
+
+Generation uses ordinary full attention with the KV cache (LONGLORA.md part 2: S2-Attn is a training-time
+approximation; the weights are used with full attention). The answer streams to the terminal as it is decoded.
+
+A prompt longer than the model's context (max_position_embeddings) is *not* truncated: the model still runs, and a
+warning says by how many tokens the prompt is over, so a user never gets an answer to a silently shortened document.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TEMPLATES = ("auto", "chat_template", "llama2")
+"""Prompt forms: the tokenizer's chat template ('auto' when it has one), or Llama-2 chat's [INST] ... [/INST]."""
+
+# How the material and the question are put to the model (LongAlpaca's long-QA prompts have this shape:
+# the document, an explicit end marker, then the question).
+MATERIAL_PROMPT = (
+    "Below is some material. Read it and answer my question after it.\n"
+    "The material begins.\n{material}\nNow the material ends.\n{question}"
+)
+
+EXIT_WORDS = ("exit", "quit")
+"""Typing one of these (or end of input) ends `longlora chat`."""
+
+
+class ContextLengthWarning(UserWarning):
+    """The prompt (or the prompt plus the tokens to generate) is longer than the model's context."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def user_message(material: str, question: str) -> str:
+    """The first user turn: the material, an end marker, then the question."""
+    return MATERIAL_PROMPT.format(material=material.strip(), question=question.strip())
+
+
+def _resolve_template(tokenizer, template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        return "chat_template" if has_chat_template else "llama2"
+    if template == "chat_template" and not has_chat_template:
+        raise ValueError("template='chat_template' but the tokenizer has no chat template; use 'llama2' or 'auto'")
+    return template
+
+
+def _check_messages(messages: list[dict]) -> None:
+    roles = [m.get("role") for m in messages]
+    turns = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
+    if not turns or turns != expected[: len(turns)] or turns[-1] != "user":
+        raise ValueError(
+            f"a conversation alternates user / assistant turns (after an optional system message) and ends with the "
+            f"user's question; got roles {roles}"
+        )
+
+
+def _llama2_conversation(tokenizer, messages: list[dict]) -> str:
+    """Llama-2 chat's multi-turn form (the tokenizer adds the first BOS):
+    [INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]"""
+    from longlora.data import DEFAULT_SYSTEM_PROMPT  # the system prompt SFT training used
+
+    system = DEFAULT_SYSTEM_PROMPT
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    text = ""
+    for i in range(0, len(messages), 2):
+        user = messages[i]["content"]
+        if i == 0:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        text += f"{bos if i else ''}[INST] {user} [/INST]"
+        if i + 1 < len(messages):
+            text += f" {messages[i + 1]['content'].strip()} {eos}"
+    return text
+
+
+def render_conversation(tokenizer, messages: list[dict], template: str = "auto") -> str:
+    """The prompt text for a conversation ending with a user turn, ready for the assistant's answer.
+
+    template: 'chat_template' (the tokenizer's, with the generation prompt), 'llama2' (Llama-2 chat's [INST] form,
+        the one `longlora sft` trains with when the tokenizer has no chat template) or 'auto' (the first one the
+        tokenizer allows).
+    """
+    _check_messages(messages)
+    if _resolve_template(tokenizer, template) == "chat_template":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _llama2_conversation(tokenizer, messages)
+
+
+def build_prompt(tokenizer, material: str, question: str, template: str = "auto") -> str:
+    """The prompt for one question about `material`: the model's chat template when the tokenizer has one, else
+    the Llama-2 `[INST] ... [/INST]` form (see `render_conversation`)."""
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    return render_conversation(tokenizer, [{"role": "user", "content": user_message(material, question)}], template)
+
+
+def _encode(tokenizer, text: str, template: str):
+    """Token ids (1, T). A chat template writes its own special tokens (BOS included); the [INST] form relies on
+    the tokenizer adding BOS, as SFT training tokenised it (longlora.data)."""
+    add_special_tokens = _resolve_template(tokenizer, template) != "chat_template"
+    return tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Material
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_material(path: str | Path) -> str:
+    """The text of a .txt / .md (any text file) or .pdf (needs `pypdf`) document."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"material file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".pdf":
+        text = _read_pdf(path)
+    else:
+        data = path.read_bytes()
+        if b"\x00" in data[:8192]:
+            raise ValueError(
+                f"{str(path)!r} looks like a binary file; pass the material as text (.txt, .md) or a .pdf"
+            )
+        text = data.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"material file {str(path)!r} has no text")
+    return text
+
+
+def _read_pdf(path: Path) -> str:
+    try:
+        from pypdf import PdfReader
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path.name} needs the `pypdf` package: pip install pypdf  (or convert the PDF to text)"
+        ) from error
+    reader = PdfReader(str(path))
+    return "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def context_warning(prompt_tokens: int, max_new_tokens: int, context: int) -> str | None:
+    """The warning for a prompt that does not fit the model's context (None when it fits)."""
+    if prompt_tokens > context:
+        return (
+            f"the prompt is {prompt_tokens} tokens, {prompt_tokens - context} tokens more than the model's context "
+            f"of {context} (max_position_embeddings). It is not truncated, but positions past the context were "
+            "never trained: expect a poor answer. Use a model extended to a longer context (longlora train, or "
+            "--rope-factor at load time) or shorten the material."
+        )
+    if prompt_tokens + max_new_tokens > context:
+        over = prompt_tokens + max_new_tokens - context
+        return (
+            f"the prompt ({prompt_tokens} tokens) plus up to {max_new_tokens} new tokens is {over} tokens more than "
+            f"the model's context of {context} (max_position_embeddings); the end of a long answer runs past the "
+            "trained positions."
+        )
+    return None
+
+
+def _warn(message: str) -> None:
+    """Printed to stderr as one clean line, and issued as a ContextLengthWarning for callers that catch it."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    warnings.warn(message, ContextLengthWarning, stacklevel=4)  # the caller of ask / chat
+
+
+def _make_streamer(tokenizer, out: IO[str]):
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        """transformers' TextStreamer (decodes as tokens arrive, holds back half words) writing to `out`."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the model's generation config ones (chat models list theirs there) and the tokenizer's."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def _cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by: 'cache' (recent transformers 5) or 'past_key_values'."""
+    import inspect
+
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+class PromptCache:
+    """The KV cache of the previous turn and the token ids it holds, so the next turn of a chat only runs its new
+    tokens: the long material is encoded once per conversation, not once per question."""
+
+    def __init__(self) -> None:
+        self.past = None
+        self.ids = None  # (1, C): the tokens whose keys/values `past` holds
+
+    def reusable(self, input_ids):
+        """The cache cut to the longest prefix it shares with `input_ids` (at least one token left to run),
+        or None when nothing can be reused."""
+        if self.past is None:
+            return None
+        cached, new = self.ids[0], input_ids[0].to(self.ids.device)
+        limit = min(len(cached), len(new) - 1)
+        differs = (cached[:limit] != new[:limit]).nonzero()
+        shared = int(differs[0]) if len(differs) else limit
+        past, self.past, self.ids = self.past, None, None
+        if shared == 0:
+            return None
+        try:
+            surplus = past.get_seq_length() - shared
+            if surplus > 0:
+                past.crop(-surplus)  # a negative count removes that many tokens from the end (every 5.x version)
+        except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+            return None  # caches that cannot be cut back (a sliding window past its size): run the whole prompt
+        return past
+
+    def keep(self, past, sequence) -> None:
+        """Remember the cache after generation: it holds every token but the last one generated."""
+        self.past = past
+        self.ids = sequence[:, : past.get_seq_length()] if past is not None else None
+
+
+def generate_answer(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    template: str = "auto",
+    stream: bool = True,
+    out: IO[str] | None = None,
+    cache: PromptCache | None = None,
+) -> str:
+    """The assistant's answer to a conversation ending with a user turn (full attention, KV cache).
+
+    temperature 0 is greedy decoding; above 0 samples with that temperature and nucleus `top_p`.
+    stream: write the answer to `out` (default stdout) token by token as it is generated.
+    cache: the KV cache of an earlier turn of the same conversation (`chat` passes one): the part of the prompt it
+        already holds (the material, earlier turns) is not run through the model again. Updated in place.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from longlora.modeling import max_context
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    text = render_conversation(tokenizer, messages, template)
+    input_ids = _encode(tokenizer, text, template)  # (1, T)
+    message = context_warning(input_ids.shape[1], max_new_tokens, max_context(model))
+    if message:
+        _warn(message)
+
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    # Start from the model's generation config (chat models keep their defaults there) and set every decoding knob,
+    # so none of its sampling defaults (Llama-2 chat: temperature 0.6, top_p 0.9) applies behind the user's back.
+    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    config.update(
+        max_new_tokens=max_new_tokens, max_length=None, min_new_tokens=None, eos_token_id=stop or None,
+        pad_token_id=pad, use_cache=True, return_dict_in_generate=True, num_beams=1, do_sample=temperature > 0,
+        # greedy: the neutral values (None would let the model's defaults back in); sampling: nucleus only, no top-k
+        temperature=temperature if temperature > 0 else 1.0, top_p=top_p if temperature > 0 else 1.0,
+        top_k=0 if temperature > 0 else 50,
+    )
+    streamer = _make_streamer(tokenizer, out if out is not None else sys.stdout) if stream else None
+
+    model.eval()  # full attention: S2-Attn (if it was switched on for training) is SDPA in eval mode
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    past = cache.reusable(input_ids) if cache is not None else None
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+            streamer=streamer, **({_cache_argument(model): past} if past is not None else {}),
+        )
+    sequence = output.sequences  # (1, T + new)
+    if cache is not None:
+        cache.keep(output.cache if hasattr(output, "cache") else output.past_key_values, sequence)
+    return tokenizer.decode(sequence[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def ask(
+    model,
+    tokenizer,
+    material: str,
+    question: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    template: str = "auto",
+    stream: bool = True,
+    out: IO[str] | None = None,
+) -> str:
+    """Answer one question about `material`; the answer streams to `out` (stdout) and is returned.
+
+    Greedy by default (temperature 0). A prompt longer than the model's context is run anyway, with a warning
+    (stderr and a ContextLengthWarning) saying by how many tokens it is over.
+    """
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    messages = [{"role": "user", "content": user_message(material, question)}]
+    return generate_answer(
+        model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        template=template, stream=stream, out=out,
+    )
+
+
+def chat(
+    model,
+    tokenizer,
+    material: str,
+    questions: Iterable[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    template: str = "auto",
+    stream: bool = True,
+    out: IO[str] | None = None,
+) -> list[dict[str, str]]:
+    """Answer `questions` one after another about `material`, each turn seeing the whole conversation so far.
+
+    The material goes into the first user turn only; later turns are the questions themselves, all rendered with
+    the chat template (or the Llama-2 multi-turn form). The KV cache is kept from turn to turn, so the material is
+    encoded once. Empty questions are skipped. Returns the conversation as
+    [{"role": "user" | "assistant", "content"}, ...].
+    """
+    messages: list[dict[str, str]] = []
+    cache = PromptCache()
+    for question in questions:
+        question = question.strip()
+        if not question:
+            continue
+        content = user_message(material, question) if not messages else question
+        messages.append({"role": "user", "content": content})
+        answer = generate_answer(
+            model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            template=template, stream=stream, out=out, cache=cache,
+        )
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load(model, adapter, rope_factor, dtype, device):
+    from longlora.modeling import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model, adapter, dtype=dtype, device=device, rope_factor=rope_factor)
+
+
+def cmd_ask(
+    model: str | None,
+    adapter: str | None = None,
+    material: str | None = None,
+    question: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rope_factor: float | None = None,
+    dtype: str = "auto",
+    *,
+    template: str = "auto",
+    device: str | None = None,
+    out: IO[str] | None = None,
+) -> str:
+    """`longlora ask`: load the model (+ adapter), read the material, stream the answer to stdout; returns it."""
+    if material is None:
+        raise ValueError("pass the material to ask about (--material FILE: .txt, .md or .pdf)")
+    if not question or not question.strip():
+        raise ValueError("pass a question (--question '...')")
+    text = read_material(material)  # before the model loads: a bad path fails fast
+    lm, tokenizer = _load(model, adapter, rope_factor, dtype, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLengthWarning)  # already printed as one clean stderr line
+        return ask(
+            lm, tokenizer, text, question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            template=template, stream=True, out=out,
+        )
+
+
+def _read_questions(stream: IO[str], prompt_to: IO[str] | None) -> Iterator[str]:
+    """Lines of `stream` until end of input or an exit word; '> ' is shown before each when interactive."""
+    while True:
+        if prompt_to is not None:
+            prompt_to.write("\n> ")
+            prompt_to.flush()
+        line = stream.readline()
+        if not line:  # EOF (Ctrl-D)
+            return
+        question = line.strip()
+        if question.lower() in EXIT_WORDS:
+            return
+        if question:
+            yield question
+
+
+def cmd_chat(
+    model: str | None,
+    adapter: str | None = None,
+    material: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rope_factor: float | None = None,
+    dtype: str = "auto",
+    *,
+    template: str = "auto",
+    device: str | None = None,
+    input: IO[str] | None = None,
+    out: IO[str] | None = None,
+) -> list[dict[str, Any]]:
+    """`longlora chat`: questions about one material read from stdin, one per line, until EOF or 'exit'.
+
+    Each answer streams to stdout; the conversation (chat template) carries over from turn to turn.
+    Returns the conversation.
+    """
+    if material is None:
+        raise ValueError("pass the material to talk about (--material FILE: .txt, .md or .pdf)")
+    text = read_material(material)
+    lm, tokenizer = _load(model, adapter, rope_factor, dtype, device)
+    stream_in = input if input is not None else sys.stdin
+    out = out if out is not None else sys.stdout
+    interactive = hasattr(stream_in, "isatty") and stream_in.isatty()
+    if interactive:
+        print(f"Ask about {Path(material).name}; 'exit' or Ctrl-D to end.", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLengthWarning)
+        return chat(
+            lm, tokenizer, text, _read_questions(stream_in, sys.stderr if interactive else None),
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, template=template, stream=True,
+            out=out,
+        )
