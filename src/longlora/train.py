@@ -261,8 +261,12 @@ def _resume_from(config: TrainConfig) -> str | None:
 def training_arguments(config: TrainConfig):
     from transformers import TrainingArguments
 
+    import torch
+
     extra = dict(config.training_args)
     extra.setdefault("report_to", "none")
+    # without use_cpu, accelerate does not treat a CPU torchrun launch as distributed: every rank would train alone
+    extra.setdefault("use_cpu", not torch.cuda.is_available())
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; 5.0 only knows the old name
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
@@ -289,8 +293,9 @@ def training_arguments(config: TrainConfig):
     )
 
 
-def run_training(config: TrainConfig, build_data: Callable | None = None) -> TrainResult:
-    """The whole run. `build_data(config, tokenizer) -> (train_dataset, collator)` differs between train and sft."""
+def run_training(config: TrainConfig, build_data: Callable | None = None, callbacks: list | None = None) -> TrainResult:
+    """The whole run. `build_data(config, tokenizer) -> (train_dataset, collator)` differs between train and sft;
+    `callbacks` are extra transformers TrainerCallbacks."""
     from transformers import set_seed
 
     from .adapters import trainable_parameter_counts
@@ -314,7 +319,7 @@ def run_training(config: TrainConfig, build_data: Callable | None = None) -> Tra
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          run_config=config, run_tokenizer=tokenizer)
+                          callbacks=callbacks, run_config=config, run_tokenizer=tokenizer)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - started
@@ -328,9 +333,10 @@ def run_training(config: TrainConfig, build_data: Callable | None = None) -> Tra
         first_loss=losses[0][1] if losses else None, last_loss=losses[-1][1] if losses else None,
         losses=losses, trainable=trainable_parameter_counts(model),
     )
-    write_json(Path(config.output_dir) / SUMMARY, summary)
-    if losses:
-        _plot_losses(losses, Path(config.output_dir) / "loss.png", title=f"{config.attention} / {config.finetune}")
+    if trainer.args.should_save:  # the main process writes; the others only train
+        write_json(Path(config.output_dir) / SUMMARY, summary)
+        if losses:
+            _plot_losses(losses, Path(config.output_dir) / "loss.png", title=f"{config.attention} / {config.finetune}")
     print(f"done: {trainer.state.global_step} steps in {elapsed:.0f}s, loss {summary['first_loss']} -> "
           f"{summary['last_loss']}; adapter in {config.output_dir}", flush=True)
     return TrainResult(output_dir=Path(config.output_dir), summary=summary)
