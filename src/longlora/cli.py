@@ -77,7 +77,38 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials", type=int, default=5)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--output", default="runs/eval/passkey.json")
+    mg = sub.add_parser("merge", help="fold an adapter into its base: a standalone Hugging Face model directory")
+    mg.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    mg.add_argument("--adapter", required=True, help="adapter directory written by `longlora train` / `sft`")
+    mg.add_argument("--output", required=True, help="new model directory (written atomically)")
+    mg.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights: bfloat16 | float16 | float32")
+    mg.add_argument("--max-shard-size", default="2GB")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    for name, what in (("ask", "answer one question about a long document, streamed"),
+                       ("chat", "a multi-turn conversation about a long document (questions from stdin)")):
+        p = sub.add_parser(name, help=what)
+        _add_model_args(p)
+        p.add_argument("--material", required=True, help="the long text: .txt / .md (.pdf with pypdf installed)")
+        if name == "ask":
+            p.add_argument("--question", required=True)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
     return parser
+
+
+def _cmd_generate(ns: argparse.Namespace) -> None:
+    from .generate import cmd_ask, cmd_chat
+
+    common = dict(adapter=ns.adapter, material=ns.material, max_new_tokens=ns.max_new_tokens,
+                  temperature=ns.temperature, top_p=ns.top_p, rope_factor=ns.rope_factor, dtype=ns.dtype,
+                  template=ns.template, device=ns.device)
+    if ns.command == "ask":
+        cmd_ask(ns.model, question=ns.question, **common)
+    else:
+        cmd_chat(ns.model, **common)
 
 
 def _cmd_eval(ns: argparse.Namespace) -> None:
@@ -168,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_train_like(ns.command, ns.args)
         elif ns.command == "eval":
             _cmd_eval(ns)
+        elif ns.command == "merge":
+            from .merge import cmd_merge
+
+            cmd_merge(ns.model, ns.adapter, ns.output, dtype=ns.dtype, overwrite=ns.overwrite,
+                      max_shard_size=ns.max_shard_size)
+        elif ns.command in ("ask", "chat"):
+            _cmd_generate(ns)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"longlora {ns.command}: error: {err}", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ QUANTIZATIONS = (None, "4bit")
 class TrainConfig:
     """Options of `longlora train` (defaults: the paper's recipe, LONGLORA.md)."""
 
+    PACKINGS: typing.ClassVar[tuple[str, ...]] = ("concat", "documents")
+
     model: str = ""
     """Base model: a local directory, a hub id or a .gguf file."""
     data: str = ""
@@ -117,6 +119,7 @@ class TrainConfig:
         _choice("finetune", self.finetune, FINETUNES)
         _choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("packing", self.packing, self.PACKINGS)
         if self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
         if not 0 < self.group_size_ratio <= 1:
@@ -133,6 +136,10 @@ class TrainConfig:
     def group_size(self) -> int:
         """The S2 group size used for training blocks: ratio x context_length, even."""
         return max(2, int(self.context_length * self.group_size_ratio) // 2 * 2)
+
+    def s2_group_size(self) -> int | None:
+        """Group size handed to S2: None = ratio x each batch's length (the paper's pre-training behaviour)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -139,7 +139,8 @@ def load_training_model(config: TrainConfig, model_config):
         # the frozen embedding gives no grad-requiring input to checkpointed layers otherwise
         model.enable_input_require_grads()
     if config.attention != "full":
-        enable_s2_attention(model, group_size_ratio=config.group_size_ratio, shift=config.attention == "s2")
+        enable_s2_attention(model, group_size=config.s2_group_size(), group_size_ratio=config.group_size_ratio,
+                            shift=config.attention == "s2")
     logger.info(format_trainable_counts(trainable_parameter_counts(model)))
     print(format_trainable_counts(trainable_parameter_counts(model)), flush=True)
     return model
