@@ -171,7 +171,7 @@ def test_ask_streams_the_answer_and_returns_it():
 
 
 def test_greedy_ignores_the_models_sampling_defaults(monkeypatch):
-    """A chat model's generation_config may ask for sampling (Llama-2 chat: temperature 0.6); temperature 0 is greedy."""
+    """A chat model's generation_config may ask for sampling (Llama-2 chat: temperature 0.6); 0 is greedy."""
     greedy = ask(MODEL, TOKENIZER, MATERIAL, QUESTION, max_new_tokens=8, stream=False)
     for name, value in {"do_sample": True, "temperature": 50.0, "top_p": 0.5, "top_k": 3}.items():
         monkeypatch.setattr(MODEL.generation_config, name, value)

@@ -296,3 +296,19 @@ def test_cmd_merge_reports_what_it_wrote(small, tmp_path, capsys):
     assert summary["tie_word_embeddings"] is True
     assert "config.json" in summary["files"] and "tokenizer.json" in summary["files"]
     assert "merged model written to" in capsys.readouterr().out
+
+
+def test_gguf_loaded_base_is_copied_out_of_its_quantizer_mark():
+    """A GGUF base loads dequantised but marked quantized (save_pretrained refuses it): the merge copies it out."""
+    from longlora.merge import _unquantized_copy
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tied=True)).eval()
+    model.hf_quantizer = object()  # what a gguf_file= load leaves on the model
+    model.config.quantization_config = {"quant_method": "gguf"}
+    copy = _unquantized_copy(model)
+    assert getattr(copy, "hf_quantizer", None) is None
+    assert not hasattr(copy.config, "quantization_config")
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert not any(t.is_meta for t in list(copy.parameters()) + list(copy.buffers()))
+    torch.testing.assert_close(logits(copy), logits(model))

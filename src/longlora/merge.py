@@ -135,6 +135,8 @@ def merge_adapter(
     except RuntimeError as error:  # shape mismatches our own check did not catch (exotic adapter layouts)
         raise ValueError(f"adapter {adapter!r} does not fit the base model {model!r}: {error}") from error
     merged = peft_model.merge_and_unload()  # LoRA folded in, modules_to_save copies swapped in: a plain model
+    if getattr(merged, "hf_quantizer", None) is not None:
+        merged = _unquantized_copy(merged)
     if tied:
         _keep_tied(merged)
     if torch_dtype != "auto":
@@ -151,6 +153,8 @@ def merge_adapter(
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         _clean_config_file(tmp / "config.json")
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)  # some writers create 0600 files; the model is meant to be shared
     logger.info("merged %s + %s into %s", model, adapter, output)
     return output
 
@@ -179,6 +183,9 @@ def trained_config(adapter: str | os.PathLike, base_config, saved_rows: int | No
         )
     for key in _ATTENTION_KEYS:  # never load with a training-time attention (S2 is for training only)
         values.pop(key, None)
+    # How the base was stored at training time (a GGUF file's mark) is not an architecture: how the base loads now
+    # is decided by the base itself.
+    values.pop("quantization_config", None)
     config = CONFIG_MAPPING[model_type].from_dict(values)
     mismatches = [
         f"{key} {getattr(config, key, None)} (adapter) vs {getattr(base_config, key, None)} (base)"
@@ -264,6 +271,33 @@ def check_adapter_shapes(model: nn.Module, adapter: str | os.PathLike) -> None:
             f"adapter {str(adapter)!r} does not fit the base model ({type(model).__name__}): {listed}. "
             "It was trained on another model; pass the base it was trained on"
         )
+
+
+def _unquantized_copy(model):
+    """The same model without the quantizer mark a GGUF load leaves (its weights are already dequantised, plain
+    nn.Linear), which save_pretrained refuses to save: the tensors are moved into a fresh model of the same class."""
+    import copy
+
+    from accelerate import init_empty_weights
+
+    if any(type(p) is not nn.Parameter for p in model.parameters()):
+        raise ValueError(
+            f"the base model is quantized ({model.hf_quantizer.quantization_config.quant_method}); merge into an "
+            "unquantized base (load it in bfloat16/float16) instead"
+        )
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers (RoPE) real
+        fresh = type(model)(config)
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
+    fresh.load_state_dict(model.state_dict(), assign=True)  # tied tensors arrive as one object under both names
+    if tied:
+        fresh.get_output_embeddings().weight = fresh.get_input_embeddings().weight
+    fresh.generation_config = model.generation_config
+    return fresh.eval()
 
 
 def _keep_tied(model) -> None:
