@@ -46,7 +46,7 @@ TRUNCATIONS = ("material", "drop")
 _STRUCTURED_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that make a name that does not exist on disk "a missing file" rather than "a Hugging Face dataset name".
 _FILE_SUFFIXES = set(_STRUCTURED_SUFFIXES) | {".txt", ".md", ".rst", ".text", ".py", ".tex", ".html", ".xml"}
-_BATCH = 1000  # documents tokenised per call (datasets' default map batch)
+_BATCH = 100  # documents per tokeniser call and per write: 100 books of 100k tokens stay well under a GB
 _BLOCKS_VERSION = "longlora-blocks-1"  # bump when the blocking changes, so cached blocks are rebuilt
 _AUTO_NUM_PROC_DOCS = 50_000  # below this many documents, one process tokenises faster than a pool starts
 
@@ -281,7 +281,8 @@ def tokenize_and_block(
 
     A Dataset is tokenised once with `Dataset.map` (cached by datasets' fingerprints; `cache_dir` keeps the caches
     of an in-memory dataset too) and blocked into a new cached Dataset. `num_proc=None` uses a process pool only for
-    large corpora. An IterableDataset gives an IterableDataset that tokenises and blocks as it is read.
+    large corpora. An IterableDataset gives an IterableDataset that tokenises and blocks as it is read (one shard:
+    read it in the main process, dataloader_num_workers=0, which is also what Trainer's batch dispatching does).
     """
     from datasets import IterableDataset
 
@@ -348,20 +349,23 @@ def _blocks_from_dataset(documents, tokenizer, eos_id, context_length, packing, 
         raise ValueError(f"documents need a 'text' column (load_documents makes one); got {documents.column_names}")
     if num_proc is None:
         num_proc = _auto_num_proc(len(documents))
-    tokenized_fingerprint = Hasher.hash([documents._fingerprint, tokenizer, eos_id, _BLOCKS_VERSION])
-    cache_file = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        cache_file = os.path.join(str(cache_dir), f"tokenized-{tokenized_fingerprint}.arrow")
+
+    # 1. Tokenise: one row of token ids (ending with EOS) per document, cached by datasets.
+    tokenized_fingerprint = Hasher.hash([documents._fingerprint, tokenizer, eos_id, _BLOCKS_VERSION])
     tokenized = documents.map(
         _tokenize_batch,
         batched=True,
         batch_size=_BATCH,
+        writer_batch_size=_BATCH,
         fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
         remove_columns=documents.column_names,
         features=Features({"input_ids": List(Value("int32"))}),
         num_proc=num_proc,
-        cache_file_name=cache_file,
+        cache_file_name=None
+        if cache_dir is None
+        else os.path.join(cache_dir, f"tokenized-{tokenized_fingerprint}.arrow"),
         new_fingerprint=tokenized_fingerprint,
         desc="Tokenising documents",
     )
@@ -379,13 +383,38 @@ def _blocks_from_dataset(documents, tokenizer, eos_id, context_length, packing, 
         context_length,
         total - num_blocks * context_length,
     )
-    return Dataset.from_generator(
-        _blocks_from_tokenized,
-        features=_block_features(packing),
-        gen_kwargs={"tokenized": tokenized, "context_length": context_length, "packing": packing},
-        cache_dir=_str_or_none(cache_dir),
-        fingerprint=Hasher.hash([tokenized._fingerprint, context_length, packing, _BLOCKS_VERSION]),
+
+    # 2. Block: whole arrow tables of blocks at a time (a per-row generator would convert every token in Python).
+    # Cached in cache_dir, else next to the tokenised documents' cache; kept in memory when those are in memory.
+    blocks_fingerprint = Hasher.hash([tokenized._fingerprint, context_length, packing, _BLOCKS_VERSION])
+    folder = cache_dir
+    if folder is None and tokenized.cache_files:
+        folder = os.path.dirname(tokenized.cache_files[0]["filename"])
+    tables = (
+        _arrow_block_table(_block_columns(ids, starts, packing))
+        for ids, starts in _iter_block_batches(_tokenized_chunks(tokenized), context_length)
     )
+    if folder is None:
+        import pyarrow as pa
+        from datasets.table import InMemoryTable
+
+        return Dataset(InMemoryTable(pa.concat_tables(list(tables))), fingerprint=blocks_fingerprint)
+    path = os.path.join(str(folder), f"blocks-{blocks_fingerprint}.arrow")
+    if not os.path.exists(path):
+        _write_arrow(tables, path, _block_features(packing))
+    return Dataset.from_file(path)
+
+
+def _write_arrow(tables: Iterable, path: str, features) -> None:
+    """Write tables to `path` through a temporary file, so that an interrupted run leaves no half cache behind."""
+    from datasets.arrow_writer import ArrowWriter
+
+    partial = f"{path}.{os.getpid()}.partial"
+    with ArrowWriter(features=features, path=partial) as writer:
+        for table in tables:
+            writer.write_table(table)
+        writer.finalize()
+    os.replace(partial, path)
 
 
 def _short_corpus_message(total: int, num_docs: int, context_length: int) -> str:
@@ -411,17 +440,13 @@ def _token_chunk(documents_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np
     return ids, _doc_starts(lengths, len(ids))
 
 
-def _blocks_from_tokenized(tokenized: Dataset, context_length: int, packing: str) -> Iterator[dict]:
-    """Generator for `Dataset.from_generator`: reads the tokenised documents in order, in arrow batches."""
-
-    def chunks():
-        for table in tokenized.with_format("arrow").iter(batch_size=_BATCH):
-            column = table.column("input_ids").combine_chunks()  # ListArray, one row per document
-            ids = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # (N,)
-            lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)  # (D,)
-            yield ids, _doc_starts(lengths, len(ids))
-
-    yield from _iter_blocks(chunks(), context_length, packing)
+def _tokenized_chunks(tokenized: Dataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tokenised documents in order, `_BATCH` at a time, as (token ids, document-start flags)."""
+    for table in tokenized.with_format("arrow").iter(batch_size=_BATCH):
+        column = table.column("input_ids").combine_chunks()  # ListArray, one row per document
+        ids = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # (N,)
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)  # (D,)
+        yield ids, _doc_starts(lengths, len(ids))
 
 
 def _blocks_from_stream(documents, tokenizer, eos_id: int, context_length: int, packing: str) -> Iterator[dict]:
@@ -439,9 +464,11 @@ def _blocks_from_stream(documents, tokenizer, eos_id: int, context_length: int, 
 
     counter = _Counter()
     num_blocks = 0
-    for block in _iter_blocks(chunks(), context_length, packing, counter):
-        num_blocks += 1
-        yield {name: values.tolist() for name, values in block.items()}  # plain ints, as a map-style row gives
+    for ids, starts in _iter_block_batches(chunks(), context_length, counter):
+        columns = _block_columns(ids, starts, packing)
+        for row in range(len(ids)):
+            num_blocks += 1
+            yield {name: values[row].tolist() for name, values in columns.items()}  # plain ints, as a Dataset gives
     if num_blocks == 0:
         raise ValueError(_short_corpus_message(counter.tokens, counter.documents, context_length))
 
@@ -452,13 +479,13 @@ class _Counter:
     documents: int = 0
 
 
-def _iter_blocks(
-    chunks: Iterable[tuple[np.ndarray, np.ndarray]], context_length: int, packing: str, counter: _Counter | None = None
-) -> Iterator[dict]:
+def _iter_block_batches(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], context_length: int, counter: _Counter | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Join (token ids, document-start flags) chunks into one stream and cut it into blocks of `context_length`.
 
-    The stream is never held whole: only the tokens not yet in a block are buffered. The tail that does not fill a
-    block is dropped.
+    Yields, for each chunk that completes blocks, their ids (n, L) and document-start flags (n, L). The stream is
+    never held whole: only the tokens not yet in a block are buffered. The tail that does not fill a block is dropped.
     """
     pending_ids: list[np.ndarray] = []
     pending_starts: list[np.ndarray] = []
@@ -474,26 +501,40 @@ def _iter_blocks(
             continue
         stream_ids = np.concatenate(pending_ids)  # (buffered,)
         stream_starts = np.concatenate(pending_starts)  # (buffered,)
-        num_blocks = buffered // context_length
-        for k in range(num_blocks):
-            window = slice(k * context_length, (k + 1) * context_length)
-            yield _make_block(stream_ids[window], stream_starts[window], packing)
-        cut = num_blocks * context_length
+        cut = buffered // context_length * context_length
+        yield stream_ids[:cut].reshape(-1, context_length), stream_starts[:cut].reshape(-1, context_length)
         pending_ids, pending_starts = [stream_ids[cut:]], [stream_starts[cut:]]
         buffered -= cut
 
 
-def _make_block(ids: np.ndarray, starts: np.ndarray, packing: str) -> dict:
-    """One training row from `ids` (L,) and the flags (L,) marking document starts inside it."""
+def _block_columns(ids: np.ndarray, starts: np.ndarray, packing: str) -> dict[str, np.ndarray]:
+    """Training columns for blocks `ids` (n, L) whose document starts are flagged in `starts` (n, L)."""
     if packing == "concat":
         return {"input_ids": ids, "labels": ids}
-    index = np.arange(len(ids))  # (L,)
+    index = np.arange(ids.shape[1])  # (L,)
     # Position = distance to the latest document start at or before it; the block's first token counts as a start
     # (a document continued from the previous block restarts at 0, as it would when seen alone).
-    last_start = np.maximum.accumulate(np.where(starts, index, 0))  # (L,)
-    labels = ids.copy()
-    labels[starts] = IGNORE_INDEX  # the previous document's last token does not learn to predict this one's first
-    return {"input_ids": ids, "labels": labels, "position_ids": index - last_start}
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)  # (n, L)
+    return {
+        "input_ids": ids,
+        # The previous document's last token does not learn to predict the next document's first token.
+        "labels": np.where(starts, IGNORE_INDEX, ids),
+        "position_ids": index - last_start,
+    }
+
+
+def _arrow_block_table(columns: dict[str, np.ndarray]):
+    """(n, L) int columns -> an arrow table of n rows of int32 lists."""
+    import pyarrow as pa
+
+    n, length = next(iter(columns.values())).shape
+    offsets = pa.array(np.arange(0, (n + 1) * length, length, dtype=np.int32))  # one chunk: far below 2**31 tokens
+    return pa.table(
+        {
+            name: pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.int32)))
+            for name, values in columns.items()
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
