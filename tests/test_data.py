@@ -112,6 +112,9 @@ def test_concat_blocks_are_the_eos_joined_stream_cut_into_context_length(tokeniz
     assert stream.count(tokenizer.eos_token_id) == 5
     # Cached in cache_dir (in-memory input: the tokenised documents and the blocks are written there).
     assert blocks.cache_files and all(str(tmp_path) in f["filename"] for f in blocks.cache_files)
+    # Without cache_dir, in-memory documents give in-memory blocks, the same ones.
+    in_memory = tokenize_and_block(datasets.Dataset.from_dict({"text": DOCS}), tokenizer, context_length)
+    assert in_memory.cache_files == [] and in_memory["input_ids"] == blocks["input_ids"]
 
 
 def test_documents_keep_the_tokenizers_bos_and_end_with_eos(tmp_path):
