@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
+    qs = sub.add_parser("quickstart", help="the whole workflow on the embedded default model (CPU, minutes)")
+    qs.add_argument("--output", default="runs/quickstart")
+    qs.add_argument("--fast", action="store_true", help="fewer steps and windows (the CI smoke run)")
+    qs.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default ~/.cache/longlora)")
+    qs.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -206,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                       max_shard_size=ns.max_shard_size)
         elif ns.command in ("ask", "chat"):
             _cmd_generate(ns)
+        elif ns.command == "quickstart":
+            from .quickstart import cmd_quickstart
+
+            cmd_quickstart(ns.output, fast=ns.fast, cache_dir=ns.cache_dir, seed=ns.seed)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"longlora {ns.command}: error: {err}", file=sys.stderr)
         return 2

@@ -307,7 +307,10 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     model_config, original = _load_base_config(config)
     tokenizer = load_tokenizer(config)
     resume = _resume_from(config)
-    dataset, collator = build_data(config, tokenizer)  # empty / too-short corpora fail here, before the model loads
+    args = training_arguments(config)
+    # empty / too-short corpora fail here, before the model loads; rank 0 tokenises, the others read its cache
+    with args.main_process_first(desc="building the training data"):
+        dataset, collator = build_data(config, tokenizer)
     factor = (model_config.rope_parameters or {}).get("factor") if isinstance(model_config.rope_parameters,
                                                                               dict) else None
     print(f"context: {original} -> {config.context_length} tokens (rope {config.rope_scaling}, factor {factor}); "
@@ -315,7 +318,6 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
 
     set_seed(config.seed)
     model = load_training_model(config, model_config)
-    args = training_arguments(config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer_cls = _make_trainer_class()
