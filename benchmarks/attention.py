@@ -31,11 +31,12 @@ from longlora.attention import s2_attention  # noqa: E402
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of live tensor storages created inside the mode (CPU-friendly stand-in for max_memory_allocated)."""
 
-    def __init__(self):
+    def __init__(self, exclude: tuple[torch.Tensor, ...] = ()):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: set[int] = set()
+        # storages of the inputs: views of them (a transpose, a slice) are not new memory
+        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude}
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -100,7 +101,7 @@ def measure(fn, q, k, v, repeats):
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with PeakTensorMemory() as tracker:
+        with PeakTensorMemory(exclude=(q, k, v)) as tracker:
             step()
         peak = tracker.peak
     return sorted(times)[len(times) // 2], peak

@@ -208,3 +208,47 @@ def test_flash_backend_matches_sdpa_backend_on_gpu():
         b = s2_attention(q, k, v, 64, backend="sdpa", **kw).float()
         keep = real[:, None, :, None] if "attention_mask" in kw else 1
         torch.testing.assert_close(a * keep, b * keep, atol=2e-2, rtol=0)
+
+
+@pytest.fixture(params=["cpu_flash_function", "composed_sdpa"])
+def regular_path(request, monkeypatch):
+    """Run a test through each implementation of the regular (unpadded, unpacked) CPU layout."""
+    from longlora import attention
+
+    calls = []
+    if request.param == "composed_sdpa":
+        monkeypatch.setattr(attention, "_use_cpu_flash", lambda *a, **kw: False)
+    else:
+        apply = attention._S2FlashCPU.apply
+        monkeypatch.setattr(attention._S2FlashCPU, "apply", lambda *a: calls.append(1) or apply(*a))
+        monkeypatch.setattr(attention, "_BWD_MIN_TILE", 4)  # several backward tiles per group at test sizes
+    yield request.param
+    assert bool(calls) == (request.param == "cpu_flash_function")
+
+
+@pytest.mark.parametrize("b,hq,hk,length,group", SHAPES)
+def test_both_regular_paths_match_reference(regular_path, b, hq, hk, length, group):
+    q, k, v = rand_qkv(b, hq, hk, length)
+    check_against_reference(q, k, v, group, atol=1e-10)
+    check_against_reference(q, k, v, group, atol=1e-10, shift=False)
+
+
+def test_cpu_flash_function_gradients_keep_input_layout_and_match_composed_path(monkeypatch):
+    from longlora import attention
+
+    q, k, v = rand_qkv(2, 6, 2, 96, dtype=torch.float32)
+    q2, k2, v2 = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    monkeypatch.setattr(attention, "_BWD_MIN_TILE", 4)
+    out = s2_attention(q, k, v, 32)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    monkeypatch.setattr(attention, "_use_cpu_flash", lambda *a, **kw: False)
+    s2_attention(q2, k2, v2, 32).backward(grad_out)
+    for x, y in ((q, q2), (k, k2), (v, v2)):
+        assert x.grad.stride() == x.stride()  # autograd took our buffer as it is: no layout copy
+        torch.testing.assert_close(x.grad, y.grad, atol=2e-5, rtol=0)
+    # bf16 runs through the same kernels
+    qb, kb, vb = (x.detach().bfloat16().requires_grad_() for x in (q, k, v))
+    monkeypatch.undo()
+    ob = s2_attention(qb, kb, vb, 32)
+    torch.testing.assert_close(ob.float(), out.detach(), atol=3e-2, rtol=0)

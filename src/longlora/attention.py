@@ -11,6 +11,9 @@ plain causal attention inside each segment, so the whole op is "variable-length 
 - SDPA gets them gathered into padded (num_segments, capacity, H, D) buffers, one buffer per capacity bucket
   (G, G/2, G/4, ...) so that short segments (the first shifted half-group, a packed document's tail) do not pay for a
   whole group. Padding sits at the end of each segment, so the causal mask alone keeps it out of real rows.
+- On CPU with the common regular layout (no padding, no packing), a custom autograd Function drives torch's CPU
+  flash kernels piece by piece, writing into one output buffer and one set of gradient buffers, so that S2-Attn holds
+  no more than full causal attention does (output, logsumexp, dq/dk/dv) plus one small backward tile.
 """
 
 from __future__ import annotations
@@ -196,6 +199,113 @@ def _sdpa_regular(
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
+_CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# The backward kernel returns freshly allocated dq/dk/dv for the rows it is given: cutting each group into
+# _BWD_SPLITS x _BWD_SPLITS tiles (lower triangle only) bounds that extra memory to ~1/_BWD_SPLITS of one group's
+# gradients (about 1% of the whole op's at G = L/4) for (_BWD_SPLITS + 1) * _BWD_SPLITS / 2 kernel calls per group.
+_BWD_SPLITS = 8
+_BWD_MIN_TILE = 128  # rows; smaller tiles would cost more in per-call overhead than they save
+
+
+def _cpu_flash_ops():
+    """torch's CPU flash-attention forward/backward ops, or None where this torch build lacks them."""
+    try:
+        return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _head_chunks(hq: int, hk: int, n_plain: int, group_size: int) -> list[tuple[int, int, int, int, int]]:
+    """(h0, h1, kv0, kv1, shift) blocks of query heads that share a shift and whole key/value heads [kv0, kv1)."""
+    rep = hq // hk
+    chunks = []
+    for h0, h1, shift in ((0, n_plain, 0), (n_plain, hq, group_size // 2)):
+        if h1 <= h0:
+            continue
+        if h0 % rep == 0 and h1 % rep == 0:  # whole key/value heads: one GQA call, K/V unrepeated
+            chunks.append((h0, h1, h0 // rep, h1 // rep, shift))
+        else:  # a key/value head straddles the plain/shifted border: one call per key/value head
+            for kv in range(h0 // rep, (h1 - 1) // rep + 1):
+                chunks.append((max(h0, kv * rep), min(h1, (kv + 1) * rep), kv, kv + 1, shift))
+    return chunks
+
+
+def _pieces(x: torch.Tensor, bi: int, h0: int, h1: int, start: int, seg_len: int, count: int) -> torch.Tensor:
+    """View of heads [h0, h1) of row `bi` over a run of `count` groups: (B, H, L, D) -> (count, H, seg_len, D)."""
+    return x[bi, h0:h1, start:start + seg_len * count].unflatten(1, (count, seg_len)).transpose(0, 1)
+
+
+class _S2FlashCPU(torch.autograd.Function):
+    """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, run of groups).
+
+    Full causal SDPA holds its output, its logsumexp and then dq/dk/dv; composing SDPA calls with autograd also holds
+    every piece's output and concatenated copies. Here the forward writes every piece into one (B, L, Hq, D) output
+    (the returned tensor, saved for backward) and keeps only the pieces' logsumexps; the backward writes into one
+    dq/dk/dv, calling the backward kernel on square tiles of each group (the flash backward is exact per tile given
+    the whole row's output and logsumexp), so the only extra memory is one tile's gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, group_size, n_plain, scale):
+        # query (B, Hq, L, D), key/value (B, Hkv, L, D)
+        flash_fwd, _ = _cpu_flash_ops()
+        b, hq, length, d = query.shape
+        # output stored tokens-first like SDPA's, returned as a (B, Hq, L, D) view
+        out = query.new_empty(b, length, hq, d).transpose(1, 2)
+        plan, lses = [], []
+        for bi in range(b):
+            for h0, h1, kv0, kv1, shift in _head_chunks(hq, key.shape[1], n_plain, group_size):
+                for start, seg_len, count in _runs(length, group_size, shift):
+                    step = (bi, h0, h1, kv0, kv1, start, seg_len, count)
+                    piece, lse = flash_fwd(_pieces(query, bi, h0, h1, start, seg_len, count),
+                                           _pieces(key, bi, kv0, kv1, start, seg_len, count),
+                                           _pieces(value, bi, kv0, kv1, start, seg_len, count),
+                                           0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
+                    _pieces(out, bi, h0, h1, start, seg_len, count).copy_(piece)
+                    del piece  # one piece's output alive at a time
+                    plan.append(step)
+                    lses.append(lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(query, key, value, out, *lses)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        _, flash_bwd = _cpu_flash_ops()
+        query, key, value, out, *lses = ctx.saved_tensors
+        # same strides as the inputs, so that autograd hands them over without a copy
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for (bi, h0, h1, kv0, kv1, start, seg_len, count), lse in zip(ctx.plan, lses):
+            run = (bi, h0, h1, start, seg_len, count)
+            kv_run = (bi, kv0, kv1, start, seg_len, count)
+            q, o, go, gq = (_pieces(x, *run) for x in (query, out, grad_out, dq))  # (count, H, seg, D)
+            k, v, gk, gv = (_pieces(x, *kv_run) for x in (key, value, dk, dv))  # (count, Hkv, seg, D)
+            tile = max(_BWD_MIN_TILE, -(-seg_len // _BWD_SPLITS))
+            for c in range(count):
+                g = slice(c, c + 1)
+                for i0 in range(0, seg_len, tile):
+                    rows = slice(i0, min(i0 + tile, seg_len))
+                    for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
+                        cols = slice(j0, min(j0 + tile, seg_len))
+                        tq, tk, tv = flash_bwd(go[g, :, rows], q[g, :, rows], k[g, :, cols], v[g, :, cols],
+                                               o[g, :, rows], lse[g, :, rows], 0.0, j0 == i0, scale=ctx.scale)
+                        gq[g, :, rows] += tq
+                        gk[g, :, cols] += tk
+                        gv[g, :, cols] += tv
+                        del tq, tk, tv
+        return dq, dk, dv, None, None, None
+
+
+def _use_cpu_flash(query, key, value, layout, dropout, sliding_window, group_size) -> bool:
+    """Whether the regular CPU case can take _S2FlashCPU (else the autograd-composed SDPA path)."""
+    return (layout.regular and query.device.type == "cpu" and query.dtype in _CPU_FLASH_DTYPES
+            and key.dtype == value.dtype == query.dtype and value.shape[-1] == query.shape[-1]
+            and all(x.stride(-1) == 1 for x in (query, key, value)) and dropout == 0.0
+            and (sliding_window is None or sliding_window >= group_size) and _cpu_flash_ops() is not None)
+
+
 def _sdpa_causal(q, k, v, hq, hk, scale, dropout, sliding_window):
     """Causal SDPA on (S, H, L, D) tensors, GQA without repeating K/V where torch allows, optional sliding window."""
     if hk != hq and not _SDPA_HAS_GQA:
@@ -311,6 +421,10 @@ def s2_attention(
         layout = token_layout(b, length, query.device, attention_mask, position_ids)
     if layout.index.numel() == 0:  # nothing but padding
         return query.new_zeros(b, length, hq, value.shape[-1]).transpose(1, 2)
+    # Half the heads shifted by G/2 (paper section 3.2); all plain for the no-shift ablation.
+    n_plain = hq // 2 if shift else hq
+    if backend == "sdpa" and _use_cpu_flash(query, key, value, layout, dropout, sliding_window, group_size):
+        return _S2FlashCPU.apply(query, key, value, group_size, n_plain, scale)
 
     # tokens-first views: the model's q/k/v are usually transposes of (B, L, H, D), so this costs no copy
     q_tok = query.transpose(1, 2).reshape(b * length, hq, -1)  # (B*L, Hq, D)
@@ -319,8 +433,6 @@ def s2_attention(
     if not layout.all_real:
         q_tok, k_tok, v_tok = q_tok[layout.index], k_tok[layout.index], v_tok[layout.index]  # (N, H, D)
 
-    # Half the heads shifted by G/2 (paper section 3.2); all plain for the no-shift ablation.
-    n_plain = hq // 2 if shift else hq
     halves = [(h0, h1, s) for h0, h1, s in ((0, n_plain, 0), (n_plain, hq, group_size // 2)) if h1 > h0]
     rep = hq // hk
     head_sizes = [h1 - h0 for h0, h1, _ in halves]
