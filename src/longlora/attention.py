@@ -231,19 +231,39 @@ def _head_chunks(hq: int, hk: int, n_plain: int, group_size: int) -> list[tuple[
     return chunks
 
 
-def _pieces(x: torch.Tensor, bi: int, h0: int, h1: int, start: int, seg_len: int, count: int) -> torch.Tensor:
-    """View of heads [h0, h1) of row `bi` over a run of `count` groups: (B, H, L, D) -> (count, H, seg_len, D)."""
-    return x[bi, h0:h1, start:start + seg_len * count].unflatten(1, (count, seg_len)).transpose(0, 1)
+def _batches(length: int, group_size: int, shift: int) -> list[tuple[int, int, int, int]]:
+    """(start, segment_length, count, spacing): equal-length groups of a row, evenly spaced, batched for one call.
+
+    The runs of `_runs`, except that a shifted row's two half-groups (the first and the last, of equal length when L is
+    a multiple of G) are batched together: one kernel call with two batch entries instead of two calls with one.
+    """
+    runs = [(start, seg_len, count, seg_len) for start, seg_len, count in _runs(length, group_size, shift)]
+    if len(runs) > 2 and runs[0][1:3] == runs[-1][1:3] == (runs[0][1], 1):
+        first, last = runs[0], runs[-1]
+        runs = [(first[0], first[1], 2, last[0] - first[0])] + runs[1:-1]
+    return runs
+
+
+def _pieces(x: torch.Tensor, bi: int, h0: int, h1: int, start: int, seg_len: int, count: int,
+            spacing: int) -> torch.Tensor:
+    """View of heads [h0, h1) of row `bi` over `count` groups of `seg_len` tokens, `spacing` tokens apart.
+
+    (B, H, L, D) -> (count, H, seg_len, D), no copy.
+    """
+    base = x[bi, h0:h1]  # (H, L, D)
+    s_h, s_l, s_d = base.stride()
+    return base.as_strided((count, h1 - h0, seg_len, base.shape[-1]), (spacing * s_l, s_h, s_l, s_d),
+                           base.storage_offset() + start * s_l)
 
 
 class _S2FlashCPU(torch.autograd.Function):
-    """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, run of groups).
+    """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, batch of groups).
 
     Full causal SDPA holds its output, its logsumexp and then dq/dk/dv; composing SDPA calls with autograd also holds
     every piece's output and concatenated copies. Here the forward writes every piece into one (B, L, Hq, D) output
     (the returned tensor, saved for backward) and keeps only the pieces' logsumexps; the backward writes into one
-    dq/dk/dv, calling the backward kernel on square tiles of each group (the flash backward is exact per tile given
-    the whole row's output and logsumexp), so the only extra memory is one tile's gradients.
+    dq/dk/dv, calling the backward kernel on square tiles of a few groups at a time (the flash backward is exact per
+    tile given the whole row's output and logsumexp), so the only extra memory is one tile's gradients.
     """
 
     @staticmethod
@@ -256,15 +276,13 @@ class _S2FlashCPU(torch.autograd.Function):
         plan, lses = [], []
         for bi in range(b):
             for h0, h1, kv0, kv1, shift in _head_chunks(hq, key.shape[1], n_plain, group_size):
-                for start, seg_len, count in _runs(length, group_size, shift):
-                    step = (bi, h0, h1, kv0, kv1, start, seg_len, count)
-                    piece, lse = flash_fwd(_pieces(query, bi, h0, h1, start, seg_len, count),
-                                           _pieces(key, bi, kv0, kv1, start, seg_len, count),
-                                           _pieces(value, bi, kv0, kv1, start, seg_len, count),
+                for batch in _batches(length, group_size, shift):
+                    piece, lse = flash_fwd(_pieces(query, bi, h0, h1, *batch), _pieces(key, bi, kv0, kv1, *batch),
+                                           _pieces(value, bi, kv0, kv1, *batch),
                                            0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
-                    _pieces(out, bi, h0, h1, start, seg_len, count).copy_(piece)
+                    _pieces(out, bi, h0, h1, *batch).copy_(piece)
                     del piece  # one piece's output alive at a time
-                    plan.append(step)
+                    plan.append((bi, h0, h1, kv0, kv1, batch))
                     lses.append(lse)
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(query, key, value, out, *lses)
@@ -277,14 +295,16 @@ class _S2FlashCPU(torch.autograd.Function):
         query, key, value, out, *lses = ctx.saved_tensors
         # same strides as the inputs, so that autograd hands them over without a copy
         dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for (bi, h0, h1, kv0, kv1, start, seg_len, count), lse in zip(ctx.plan, lses):
-            run = (bi, h0, h1, start, seg_len, count)
-            kv_run = (bi, kv0, kv1, start, seg_len, count)
-            q, o, go, gq = (_pieces(x, *run) for x in (query, out, grad_out, dq))  # (count, H, seg, D)
-            k, v, gk, gv = (_pieces(x, *kv_run) for x in (key, value, dk, dv))  # (count, Hkv, seg, D)
+        for (bi, h0, h1, kv0, kv1, batch), lse in zip(ctx.plan, lses):
+            q, o, go, gq = (_pieces(x, bi, h0, h1, *batch) for x in (query, out, grad_out, dq))  # (n, H, seg, D)
+            k, v, gk, gv = (_pieces(x, bi, kv0, kv1, *batch) for x in (key, value, dk, dv))  # (n, Hkv, seg, D)
+            _, seg_len, count, _ = batch
             tile = max(_BWD_MIN_TILE, -(-seg_len // _BWD_SPLITS))
-            for c in range(count):
-                g = slice(c, c + 1)
+            # the backward kernel parallelises over (batch x kv heads) only: give every thread one, no more (memory)
+            per_call = max(1, -(-torch.get_num_threads() // (kv1 - kv0)))
+            n_calls = max(1, count // per_call)
+            for p in range(n_calls):
+                g = slice(count * p // n_calls, count * (p + 1) // n_calls)
                 for i0 in range(0, seg_len, tile):
                     rows = slice(i0, min(i0 + tile, seg_len))
                     for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
