@@ -146,7 +146,7 @@ def main(argv=None):
                        s2_peak_mb=m_s2 / 2**20, memory_ratio=m_s2 / max(m_full, 1))
             rows.append(row)
             print(f"{length:>7} {group:>6} {t_full:>8.3f} {t_s2:>8.3f} {row['speedup']:>7.2f}x {limit:>5.1f}x "
-                  f"{row['full_peak_mb']:>9.1f} {row['s2_peak_mb']:>9.1f} {row['memory_ratio']:>9.2f}")
+                  f"{row['full_peak_mb']:>9.1f} {row['s2_peak_mb']:>9.1f} {row['memory_ratio']:>9.3f}")
             del q, k, v
 
     out = Path(args.output)
