@@ -203,7 +203,7 @@ _CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16
 # The backward kernel returns freshly allocated dq/dk/dv for the rows it is given: cutting each group into
 # _BWD_SPLITS x _BWD_SPLITS tiles (lower triangle only) bounds that extra memory to ~1/_BWD_SPLITS of one group's
 # gradients (about 1% of the whole op's at G = L/4) for (_BWD_SPLITS + 1) * _BWD_SPLITS / 2 kernel calls per group.
-_BWD_SPLITS = 8
+_BWD_SPLITS = 1
 _BWD_MIN_TILE = 128  # rows; smaller tiles would cost more in per-call overhead than they save
 
 
