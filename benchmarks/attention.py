@@ -84,6 +84,11 @@ def measure(fn, q, k, v, repeats):
         out.float().sum().backward()
         q.grad = k.grad = v.grad = None
 
+    return time_and_peak(step, device, repeats, exclude=(q, k, v))
+
+
+def time_and_peak(step, device, repeats, exclude=()):
+    """Median seconds of `step()` over `repeats` runs after a warm-up, and the peak bytes of one more run."""
     step()  # warm-up
     times = []
     for _ in range(repeats):
@@ -101,7 +106,7 @@ def measure(fn, q, k, v, repeats):
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with PeakTensorMemory(exclude=(q, k, v)) as tracker:
+        with PeakTensorMemory(exclude=exclude) as tracker:
             step()
         peak = tracker.peak
     return sorted(times)[len(times) // 2], peak
@@ -171,7 +176,7 @@ def plot(rows, meta, path):
     for backend in sorted({r["backend"] for r in rows}):
         rs = [r for r in rows if r["backend"] == backend]
         ls = [r["length"] for r in rs]
-        ax_t.plot(ls, [r["full_s"] for r in rs], "o-", label=f"full causal SDPA" if backend == "sdpa" else None)
+        ax_t.plot(ls, [r["full_s"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
         ax_t.plot(ls, [r["s2_s"] for r in rs], "s-", label=f"S2-Attn ({backend})")
         ax_m.plot(ls, [r["full_peak_mb"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
         ax_m.plot(ls, [r["s2_peak_mb"] for r in rs], "s-", label=f"S2-Attn ({backend})")

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from attention import PeakTensorMemory, make_inputs, measure  # noqa: E402  (the op benchmark's tools)
+from attention import make_inputs, measure, time_and_peak  # noqa: E402  (the op benchmark's tools)
 
 from longlora.attention import s2_attention, s2_dense_mask  # noqa: E402
 
@@ -75,30 +73,7 @@ def train_step_measure(variant: str, length: int, device, dtype, repeats: int):
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with PeakTensorMemory() as tracker:
-            step()
-        peak = tracker.peak
-    return sorted(times)[len(times) // 2], peak
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return time_and_peak(step, device, repeats)
 
 
 def main(argv=None):
