@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
+    cv = sub.add_parser("convert", help="a GGUF checkpoint -> a normal Hugging Face model directory (dequantised)")
+    cv.add_argument("--model", required=True, help="the .gguf file")
+    cv.add_argument("--output", required=True)
+    cv.add_argument("--dtype", default="float32")
+    cv.add_argument("--overwrite", action="store_true")
+
     qs = sub.add_parser("quickstart", help="the whole workflow on the embedded default model (CPU, minutes)")
     qs.add_argument("--output", default="runs/quickstart")
     qs.add_argument("--fast", action="store_true", help="fewer steps and windows (the CI smoke run)")
@@ -211,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                       max_shard_size=ns.max_shard_size)
         elif ns.command in ("ask", "chat"):
             _cmd_generate(ns)
+        elif ns.command == "convert":
+            from .convert import cmd_convert
+
+            cmd_convert(ns.model, ns.output, dtype=ns.dtype, overwrite=ns.overwrite)
         elif ns.command == "quickstart":
             from .quickstart import cmd_quickstart
 
