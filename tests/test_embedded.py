@@ -165,11 +165,25 @@ def test_build_refuses_a_non_empty_directory_unless_overwrite(tiny_build, tmp_pa
     assert _leftovers(tmp_path, keep="taken") == []
 
 
+def test_build_restores_the_callers_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = build_tiny(tmp_path / "m")  # TINY builds with 1 thread
+        assert torch.get_num_threads() == 2
+        assert json.loads((path / METADATA_FILE).read_text())["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert 1 <= embedded.default_threads() <= torch.get_num_threads()
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="divisible by num_kv_heads"):
         EmbeddedConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="hidden_size"):
         EmbeddedConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        EmbeddedConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         build_base_model("unused", steps=0)
 
