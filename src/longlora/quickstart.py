@@ -35,7 +35,7 @@ class QuickstartPlan:
     per_device_train_batch_size: int = 2
 
 
-FULL = QuickstartPlan(train_steps=120, train_files=None, eval_windows=48, passkey_trials=2)
+FULL = QuickstartPlan(train_steps=60, train_files=None, eval_windows=32, passkey_trials=2)
 FAST = QuickstartPlan(train_steps=16, train_files=60, eval_windows=12, passkey_trials=1)
 
 
