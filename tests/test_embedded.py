@@ -217,3 +217,21 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         embedded_model_path(tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # no half model, no temporary directory
+
+
+def test_cache_keeps_the_build_of_a_process_that_finished_first(tmp_path, monkeypatch):
+    real_pretrain = embedded._pretrain
+    target = tmp_path / f"embedded-{EMBEDDED_VERSION}"
+    raced = []
+
+    def racing(*args, **kwargs):
+        if not raced:  # while this build trains, "another process" publishes its own
+            raced.append(True)
+            build_tiny(target, seed=5)
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "_pretrain", racing)
+    monkeypatch.setattr(embedded, "build_base_model", build_tiny)
+    assert embedded_model_path(tmp_path, progress=False) == target
+    assert json.loads((target / METADATA_FILE).read_text())["seed"] == 5  # the first finished build is kept
+    assert list(tmp_path.iterdir()) == [target]  # and ours left no temporary directory

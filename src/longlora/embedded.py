@@ -486,17 +486,21 @@ def build_base_model(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")  # last: marks a complete build
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp creates 0700, safetensors 0600: a shared cache is readable
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        _publish(tmp, output_dir)
+        _publish(tmp, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
 
 
-def _publish(tmp: Path, output_dir: Path) -> None:
-    """Move the finished build `tmp` to `output_dir`; an existing directory is moved aside first, then deleted."""
+def _publish(tmp: Path, output_dir: Path, overwrite: bool) -> None:
+    """Move the finished build `tmp` to `output_dir` in one rename.
+
+    overwrite: an existing `output_dir` is moved aside first (and deleted after). Without it, a directory that
+    appeared during the build (another process finished first) makes the rename fail with OSError.
+    """
     old = None
-    if output_dir.exists():
+    if overwrite and output_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
         os.replace(output_dir, old / "model")
     try:
@@ -536,8 +540,9 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, progress:
     if progress:
         print(f"Building the embedded base model into {path} (first use only, a few minutes on CPU) ...")
     try:
-        build_base_model(path, progress=progress, overwrite=True)
+        # a directory there without the metadata was not written by a build (builds appear whole): replace it
+        build_base_model(path, progress=progress, overwrite=path.exists())
     except OSError:
-        if not is_built(path):  # not a lost race with another process: a real error
+        if not is_built(path):  # not a lost race with another process that finished first: a real error
             raise
     return path
