@@ -10,10 +10,11 @@
     (every tensor allocated during the step: activations, gradients; not the weights or Adam's state); then `--rounds`
     pairs of (full, S2) steps alternate, so that both see the same load from other processes on a shared machine, and
     the fastest step of each is reported, in wall-clock and in CPU seconds.
-(ii) The base model's perplexity at 2k .. 16k on held-out standard library text (one token stream, windows of the
-    length starting every `length` tokens), without and with linear position interpolation (factor =
-    ceil(length / 8192): 1 up to 8k, where both are the same model, 2 at 16k). Past its 8192 positions the plain
-    model breaks down; with PI it stays usable, and LongLoRA fine-tuning is what closes the rest of the gap.
+(ii) The base model's perplexity at 2k .. 16k on held-out standard library text (one token stream, disjoint windows of
+    the length from its start), without and with linear position interpolation (factor = ceil(length / 8192): 1 up
+    to 8k, where both are the same model, 2 at 16k); at 16k the positions before and from 8192 are also scored
+    apart. Without PI the model breaks down past its 8192 positions; PI alone brings those back but costs every
+    position some quality, which is what the LongLoRA fine-tuning at the new length is for.
 
 Writes docs/benchmarks/smollm2.json and .png (by default) and prints tables.
 """
@@ -219,7 +220,7 @@ def plot(report: dict, path: Path) -> None:
     train = report["train"]
     lengths = sorted({r["length"] for r in train})
     width = 0.38
-    for ax, key, label in ((axes[0], "step_s", "seconds per training step"),
+    for ax, key, label in ((axes[0], "step_s", "seconds per training step (fastest)"),
                            (axes[1], "tensor_peak_mb", "tensor peak of a step (MB)")):
         for i, attention in enumerate(("full", "s2")):
             values = [next((r[key] for r in train if r["length"] == n and r["attention"] == attention), 0)
@@ -239,20 +240,24 @@ def plot(report: dict, path: Path) -> None:
         rows = sorted((r for r in report["perplexity"] if r["rope"] == rope), key=lambda r: r["length"])
         ax.plot([r["length"] for r in rows], [r["perplexity"] for r in rows], style,
                 label="no interpolation" if rope == "none" else "linear PI, factor ceil(L/8192)")
-    for rope, marker in (("none", "o"), ("linear", "s")):
+    for rope, color in (("none", "C0"), ("linear", "C1")):  # past 8192: the two halves of the window apart
+        name = "no interpolation" if rope == "none" else "linear PI"
         rows = [r for r in report["perplexity"] if r["rope"] == rope and r.get("perplexity_from_8192")]
-        if rows:
-            ax.plot([r["length"] for r in rows], [r["perplexity_from_8192"] for r in rows], marker, mfc="none",
-                    ms=9, color="C0" if rope == "none" else "C1",
-                    label=f"{'no interpolation' if rope == 'none' else 'linear PI'}: positions >= 8192 only")
+        for key, marker, where in (("perplexity_from_8192", "^", ">="), ("perplexity_before_8192", "v", "<")):
+            ax.plot([r["length"] for r in rows], [r[key] for r in rows], marker, mfc="none", ms=9, color=color,
+                    label=f"{name}: positions {where} 8192" if rows else None)
     ax.axvline(ORIGINAL_CONTEXT, color="grey", lw=0.8, ls=":")
     ax.text(ORIGINAL_CONTEXT, ax.get_ylim()[1], " 8192 positions", va="top", fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    lengths = sorted({r["length"] for r in report["perplexity"]})
+    ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+    ax.set_yticks([4, 6, 10, 15, 20, 30, 40], ["4", "6", "10", "15", "20", "30", "40"])
+    ax.minorticks_off()
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity (held-out stdlib)")
     ax.set_title("base model: why extend")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left")
     ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"SmolLM2-135M-Instruct on CPU ({report['machine']['threads']} threads)")
     fig.tight_layout()
@@ -296,7 +301,7 @@ def main(argv=None) -> int:
     out = Path(args.output)
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
     if parts - {"train", "ppl"}:
-        raise ValueError(f"--parts takes train and/or ppl, got {args.parts!r}")
+        raise ValueError(f"--parts takes train and/or ppl (none: only redraw the plot), got {args.parts!r}")
     if out.is_file():  # the parts not run this time keep their earlier results
         previous = json.loads(out.read_text())
         report.update({key: previous.get(key, []) for key in ("train", "perplexity")})
