@@ -7,10 +7,17 @@ on first use, from text every Python installation carries: the standard library'
   out), sorted by relative path. About 5% of the files are held out for evaluation, chosen by a hash of the
   relative path only, so the split is the same on every machine with the same Python minor version.
 - Tokenizer: byte-level BPE (4096 entries, `<|endoftext|>` as BOS/EOS, `<|pad|>`) trained on the train split.
-- Model: a 4-layer Llama (GQA, RoPE theta 1e4, tied embeddings) pretrained at a context of 256 tokens, so that
-  extending it to 1024 tokens (position interpolation x4 + LongLoRA) is a real, measurable task.
+- Model: a 4-layer Llama (2.4M parameters, hidden 192, 4 query / 2 key-value heads, RoPE theta 1e4, tied
+  embeddings) pretrained at a context of 256 tokens for 300 steps of 16 x 256 tokens (0.6 epoch) with Muon on the
+  attention/MLP matrices and AdamW on the embedding and norms, so that extending it to 1024 tokens (position
+  interpolation x4 + LongLoRA) is a real, measurable task.
 
-`embedded_model_path()` returns the cached build (building it the first time, ~4 minutes on 2 cores);
+Measured on Python 3.11 (held-out split, 'window' protocol, stride 256): perplexity 43.7 at 256 tokens; at 1024
+tokens 62.1 as is (positions never seen in training; 1.8x worse on the tokens past 512) and 56.5 with linear PI x4
+and no training; after `longlora quickstart` (S2-Attn + LoRA+ + PI x4, 120 steps of 4 x 1024 tokens) 43.0.
+AdamW alone (best of 3e-3 / 6e-3 / 1e-2) reached only 142 at 256 with the same compute.
+
+`embedded_model_path()` returns the cached build (building it the first time: ~4 minutes on 2 idle cores);
 `build_base_model(dir)` builds one on demand. Both write atomically: an interrupted build leaves nothing behind.
 """
 
@@ -55,7 +62,8 @@ EXCLUDED_DIRS = frozenset(
 )  # fmt: skip
 HELDOUT_SALT = "longlora-heldout"
 HELDOUT_MODULUS = 20
-"""A file is held out when sha256(salt:relative_path) % 20 == 0 (~5% of the files, ~117k tokens on 3.11)."""
+"""A file is held out when sha256(salt:relative_path) % 20 == 0: on 3.11, 19 of 387 files (111k tokens, 6 files
+longer than 8k tokens)."""
 
 
 # --------------------------------------------------------------------------------------------------------- recipe
@@ -92,7 +100,8 @@ class EmbeddedConfig:
     after the default 300 steps: 44, versus 142 with AdamW alone at its best learning rate); or 'adamw'."""
     muon_learning_rate: float = 0.03
     threads: int | None = None
-    """torch CPU threads during the build; None: `default_threads()`. The result does not depend on it."""
+    """torch CPU threads during the build; None: `default_threads()`. The weights do not depend on it (the default
+    build came out bitwise identical with 1 and 2 threads)."""
     max_train_files: int | None = None
     """Use only the first N training files (quick experiments and tests); None uses the whole train split."""
     heldout_windows: int = 512
