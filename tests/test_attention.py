@@ -252,3 +252,93 @@ def test_cpu_flash_function_gradients_keep_input_layout_and_match_composed_path(
     monkeypatch.undo()
     ob = s2_attention(qb, kb, vb, 32)
     torch.testing.assert_close(ob.float(), out.detach(), atol=3e-2, rtol=0)
+
+
+def _reference_grads(q, k, v, group, grad_out):
+    ref = reference_attention(q, k, v, reference_mask(q.shape[2], q.shape[1], group, batch=q.shape[0]))
+    return torch.autograd.grad(ref, (q, k, v), grad_out)
+
+
+@pytest.mark.parametrize("min_tile", [4, 128])
+def test_gradient_written_over_a_dropped_output_is_exact(monkeypatch, min_tile):
+    """The caller keeps no output (the usual training graph): dq is written over the saved output, still exact."""
+    from longlora import attention
+
+    monkeypatch.setattr(attention, "_BWD_MIN_TILE", min_tile)  # several row tiles per group, or one
+    monkeypatch.setattr(attention, "_BWD_SPLITS", 4)
+    private = []
+    check = attention._output_is_private
+    monkeypatch.setattr(attention, "_output_is_private", lambda out: private.append(check(out)) or private[-1])
+    q, k, v = rand_qkv(2, 6, 2, 96)
+    grad_out = torch.randn(2, 6, 96, 8, dtype=torch.float64)
+    (s2_attention(q, k, v, 32) * grad_out).sum().backward()  # the output itself is not kept by anyone
+    assert private == [True]
+    for x, r in zip((q, k, v), _reference_grads(q, k, v, 32, grad_out)):
+        torch.testing.assert_close(x.grad, r, atol=1e-10, rtol=0)
+
+
+def test_output_kept_by_the_caller_is_not_overwritten():
+    q, k, v = rand_qkv(1, 4, 2, 64)
+    out = s2_attention(q, k, v, 16)
+    before = out.detach().clone()
+    grad_out = torch.randn_like(before)
+    out.backward(grad_out)
+    assert torch.equal(out.detach(), before)
+    for x, r in zip((q, k, v), _reference_grads(q, k, v, 16, grad_out)):
+        torch.testing.assert_close(x.grad, r, atol=1e-10, rtol=0)
+
+
+def test_retained_graph_second_backward_is_exact_or_says_what_to_do(monkeypatch):
+    from longlora import attention
+
+    q, k, v = rand_qkv(1, 4, 2, 64)
+    # square() keeps the output for its own backward: not private, left alone, so a second backward is exact
+    loss = s2_attention(q, k, v, 16).square().sum()
+    loss.backward(retain_graph=True)
+    first = q.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(q.grad, 2 * first, atol=1e-12, rtol=0)
+    # sum() keeps nothing: the first backward wrote over the output, the second one says so and how to avoid it
+    loss = s2_attention(q, k, v, 16).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="REUSE_OUTPUT_MEMORY"):
+        loss.backward()
+    monkeypatch.setattr(attention, "REUSE_OUTPUT_MEMORY", False)
+    loss = s2_attention(q, k, v, 16).sum()
+    q.grad = None
+    loss.backward(retain_graph=True)
+    first = q.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(q.grad, 2 * first, atol=1e-12, rtol=0)
+
+
+def test_checkpointed_s2_gradients_are_exact():
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = rand_qkv(2, 4, 2, 64)
+    grad_out = torch.randn(2, 4, 64, 8, dtype=torch.float64)
+    for reentrant in (False, True):
+        q.grad = k.grad = v.grad = None
+        checkpoint(lambda a, b, c: (s2_attention(a, b, c, 16) * grad_out).sum(), q, k, v,
+                   use_reentrant=reentrant).backward()
+        for x, r in zip((q, k, v), _reference_grads(q, k, v, 16, grad_out)):
+            torch.testing.assert_close(x.grad, r, atol=1e-10, rtol=0)
+
+
+def test_peak_memory_of_forward_and_backward_is_not_above_full_sdpa():
+    """The issue's memory figure, at test size: S2 (G = L/4, GQA) holds no more tensor bytes than full causal SDPA."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from attention import PeakTensorMemory, full_attention
+
+    q, k, v = rand_qkv(1, 8, 2, 1024, d=32, dtype=torch.float32)
+    peaks = []
+    for fn in (full_attention, lambda a, b, c: s2_attention(a, b, c, 256)):
+        with PeakTensorMemory(exclude=(q, k, v)) as tracker:
+            fn(q, k, v).sum().backward()
+        peaks.append(tracker.peak)
+        q.grad = k.grad = v.grad = None
+    full, s2 = peaks
+    assert s2 <= full, f"S2 peak {s2 / 2**20:.2f} MiB > full SDPA {full / 2**20:.2f} MiB"

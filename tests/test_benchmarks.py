@@ -39,9 +39,13 @@ def test_attention_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_ablation_two_row_smoke(tmp_path):
     out = tmp_path / "ablation.json"
-    printed = run("ablation.py", "--rows", "pi_only,lora_plus_s2", "--steps", "4", "--windows", "4",
-                  "--train-files", "20", "--work-dir", str(tmp_path / "work"), "--output", str(out))
-    summary = json.loads(out.read_text())["summary"]
-    assert [s["row"] for s in summary] == ["pi_only", "lora_plus_s2"]
+    printed = run("ablation.py", "--rows", "pi_only,lora_plus_s2,ratio_1_4", "--seeds", "0", "--steps", "4",
+                  "--windows", "4", "--train-files", "20", "--work-dir", str(tmp_path / "work"), "--output", str(out))
+    written = json.loads(out.read_text())
+    summary = written["summary"]
+    assert [s["row"] for s in summary] == ["pi_only", "lora_plus_s2", "ratio_1_4"]
     assert all(math.isfinite(s["ppl_1024"]) for s in summary)
     assert "Table 6" in printed
+    # ratio_1_4 has lora_plus_s2's options: reused, not trained again
+    reused = [r for r in written["results"] if r["row"] == "ratio_1_4"]
+    assert reused[0]["same_run_as"] == "lora_plus_s2" and summary[2]["ppl_1024"] == summary[1]["ppl_1024"]

@@ -263,7 +263,9 @@ class _S2FlashCPU(torch.autograd.Function):
     every piece's output and concatenated copies. Here the forward writes every piece into one (B, L, Hq, D) output
     (the returned tensor, saved for backward) and keeps only the pieces' logsumexps; the backward writes into one
     dq/dk/dv, calling the backward kernel on square tiles of a few groups at a time (the flash backward is exact per
-    tile given the whole row's output and logsumexp), so the only extra memory is one tile's gradients.
+    tile given the whole row's output and logsumexp). The kernel returns freshly allocated gradients for each call;
+    to stay below full SDPA's peak, dq is written over the saved output (each piece's output is dead once its rows
+    are done) when nothing else holds that output (`_output_is_private`); otherwise dq is a new buffer.
     """
 
     @staticmethod
@@ -284,7 +286,7 @@ class _S2FlashCPU(torch.autograd.Function):
                     del piece  # one piece's output alive at a time
                     plan.append((bi, h0, h1, kv0, kv1, batch))
                     lses.append(lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.output_reused = plan, scale, False
         ctx.save_for_backward(query, key, value, out, *lses)
         return out
 
@@ -292,9 +294,17 @@ class _S2FlashCPU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         _, flash_bwd = _cpu_flash_ops()
+        if ctx.output_reused:
+            raise RuntimeError(
+                "S2-Attn's backward ran twice over one graph (retain_graph=True): its first backward wrote the "
+                "gradient over the saved attention output to save memory. Set longlora.attention.REUSE_OUTPUT_MEMORY "
+                "= False before the forward to keep it.")
         query, key, value, out, *lses = ctx.saved_tensors
+        # every (row, head, token) of dq is written once (pieces partition them); dk/dv accumulate over head blocks
+        ctx.output_reused = REUSE_OUTPUT_MEMORY and out.stride() == query.stride() and _output_is_private(out)
+        dq = out if ctx.output_reused else torch.empty_like(query)
         # same strides as the inputs, so that autograd hands them over without a copy
-        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        dk, dv = torch.zeros_like(key), torch.zeros_like(value)
         for (bi, h0, h1, kv0, kv1, batch), lse in zip(ctx.plan, lses):
             q, o, go, gq = (_pieces(x, bi, h0, h1, *batch) for x in (query, out, grad_out, dq))  # (n, H, seg, D)
             k, v, gk, gv = (_pieces(x, bi, kv0, kv1, *batch) for x in (key, value, dk, dv))  # (n, Hkv, seg, D)
@@ -307,15 +317,77 @@ class _S2FlashCPU(torch.autograd.Function):
                 g = slice(count * p // n_calls, count * (p + 1) // n_calls)
                 for i0 in range(0, seg_len, tile):
                     rows = slice(i0, min(i0 + tile, seg_len))
+                    row_dq = None
                     for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
                         cols = slice(j0, min(j0 + tile, seg_len))
                         tq, tk, tv = flash_bwd(go[g, :, rows], q[g, :, rows], k[g, :, cols], v[g, :, cols],
                                                o[g, :, rows], lse[g, :, rows], 0.0, j0 == i0, scale=ctx.scale)
-                        gq[g, :, rows] += tq
+                        row_dq = tq if row_dq is None else row_dq.add_(tq)
                         gk[g, :, cols] += tk
                         gv[g, :, cols] += tv
                         del tq, tk, tv
+                    gq[g, :, rows].copy_(row_dq)  # these output rows are no longer read: safe to overwrite
+                    del row_dq
         return dq, dk, dv, None, None, None
+
+
+# Write dq over the saved output in _S2FlashCPU's backward when nothing else can see that output (see below).
+REUSE_OUTPUT_MEMORY = True
+
+
+def _storage_use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _UseCountProbe(torch.autograd.Function):
+    """Records, in backward, the use count of its saved output's storage (calibration for _output_is_private)."""
+
+    counts: list[int] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.detach().clone()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        _UseCountProbe.counts.append(_storage_use_count(out))
+        return grad
+
+
+def _calibrate_private_use_count() -> int | None:
+    """The use count a saved output's storage has in backward when only autograd holds it; None if undetectable.
+
+    Measured with this torch rather than assumed: once with the output dropped, once with it held by the caller.
+    The counts must differ, or the reuse is never done. Run once, at import (no saved-tensor hooks active then).
+    """
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        return None
+    try:
+        _UseCountProbe.counts = []
+        x = torch.zeros(2, requires_grad=True)
+        with torch.enable_grad():
+            _UseCountProbe.apply(x).sum().backward()  # output dropped
+            held = _UseCountProbe.apply(x)
+            held.sum().backward()  # output held by the caller
+        dropped, kept = _UseCountProbe.counts
+    except Exception:  # any surprise in the private API: never reuse
+        return None
+    return dropped if kept > dropped else None
+
+
+_PRIVATE_USE_COUNT = _calibrate_private_use_count()
+
+
+def _output_is_private(out: torch.Tensor) -> bool:
+    """Whether no tensor outside this backward shares the saved output's storage (so overwriting it is invisible).
+
+    The caller's output tensor, a view of it saved by a later op (retain_graph) or a saved-tensor hook's copy all
+    raise the storage's use count above the calibrated private count; then the output is left alone.
+    """
+    return _PRIVATE_USE_COUNT is not None and _storage_use_count(out) <= _PRIVATE_USE_COUNT
 
 
 def _use_cpu_flash(query, key, value, layout, dropout, sliding_window, group_size) -> bool:
