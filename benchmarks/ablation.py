@@ -86,7 +86,7 @@ def main(argv=None):
         options, paper = ROWS[row]
         for seed in seeds if row in variance_rows else seeds[:1]:
             started = time.time()
-            same = next((r for r in results if r["seed"] == seed and ROWS[r["row"]][0] == options), None)
+            same = next((r for r in results if r["seed"] == seed and _same(ROWS[r["row"]][0], options)), None)
             if same is not None:  # identical options and seed: the same run, not trained twice
                 results.append(dict(same, row=row, paper=paper, same_run_as=same["row"]))
                 print(f"{row:<16} seed {seed}: same run as {same['row']}", flush=True)
@@ -125,6 +125,13 @@ def main(argv=None):
     write_json(out, dict(meta=meta, results=results, summary=summary))
     _plot(summary, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    """Whether two rows' train options are the same run (group_size_ratio defaults to 0.25)."""
+    if a is None or b is None:
+        return a is b
+    return {"group_size_ratio": 0.25, **a} == {"group_size_ratio": 0.25, **b}
 
 
 def _table(results):

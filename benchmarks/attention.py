@@ -75,16 +75,26 @@ def full_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def measure(fn, q, k, v, repeats):
-    """Median fwd+bwd seconds and peak memory (bytes) of fn(q, k, v).sum().backward()."""
+def measure(fn, q, k, v, repeats, keep_output=False):
+    """Median fwd+bwd seconds and peak memory (bytes) of fn(q, k, v).sum().backward().
+
+    As in a model (the attention output feeds o_proj and is not kept), nothing holds the output during backward,
+    unless keep_output: then the caller keeps it, which stops S2 from writing dq over its saved output.
+    """
     device = q.device
 
     def step():
-        out = fn(q, k, v)
-        out.float().sum().backward()
+        kept = fn(q, k, v) if keep_output else None
+        (kept if keep_output else fn(q, k, v)).float().sum().backward()
         q.grad = k.grad = v.grad = None
+        del kept
 
     return time_and_peak(step, device, repeats, exclude=(q, k, v))
+
+
+def peak_only(fn, q, k, v, keep_output=False):
+    """Peak memory (bytes) of one fwd+bwd of fn (no timing)."""
+    return measure(fn, q, k, v, 0, keep_output)[1]
 
 
 def time_and_peak(step, device, repeats, exclude=()):
@@ -109,7 +119,7 @@ def time_and_peak(step, device, repeats, exclude=()):
         with PeakTensorMemory(exclude=exclude) as tracker:
             step()
         peak = tracker.peak
-    return sorted(times)[len(times) // 2], peak
+    return (sorted(times)[len(times) // 2] if times else float("nan")), peak
 
 
 def main(argv=None):
@@ -134,7 +144,7 @@ def main(argv=None):
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     rows = []
-    header = f"{'L':>7} {'G':>6} {'full s':>8} {'s2 s':>8} {'speedup':>8} {'limit':>6} {'full MB':>9} {'s2 MB':>9} {'mem ratio':>9}"
+    header = f"{'L':>7} {'G':>6} {'full s':>8} {'s2 s':>8} {'speedup':>8} {'limit':>6} {'full MB':>9} {'s2 MB':>9} {'mem ratio':>9} {'out kept':>9}"
     print(f"S2-Attn vs full causal SDPA, fwd+bwd, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
           f"{args.dtype} on {device} ({torch.get_num_threads()} threads)")
     for backend in backends:
@@ -143,15 +153,19 @@ def main(argv=None):
             group = max(2, int(length * args.group_ratio) // 2 * 2)
             q, k, v = make_inputs(length, args.heads, args.kv_heads, args.head_dim, device, dtype)
             t_full, m_full = measure(full_attention, q, k, v, args.repeats)
-            t_s2, m_s2 = measure(lambda a, b, c: s2_attention(a, b, c, group, backend=backend), q, k, v, args.repeats)
+            s2 = lambda a, b, c: s2_attention(a, b, c, group, backend=backend)  # noqa: E731
+            t_s2, m_s2 = measure(s2, q, k, v, args.repeats)
+            m_s2_kept = peak_only(s2, q, k, v, keep_output=True)
             # attention FLOPs: causal full ~ L^2/2 per head, S2 ~ L*G/2 -> limit L/G
             limit = length / group
             row = dict(backend=backend, length=length, group_size=group, full_s=t_full, s2_s=t_s2,
                        speedup=t_full / t_s2, flops_limit=limit, full_peak_mb=m_full / 2**20,
-                       s2_peak_mb=m_s2 / 2**20, memory_ratio=m_s2 / max(m_full, 1))
+                       s2_peak_mb=m_s2 / 2**20, memory_ratio=m_s2 / max(m_full, 1),
+                       s2_output_kept_peak_mb=m_s2_kept / 2**20, memory_ratio_output_kept=m_s2_kept / max(m_full, 1))
             rows.append(row)
             print(f"{length:>7} {group:>6} {t_full:>8.3f} {t_s2:>8.3f} {row['speedup']:>7.2f}x {limit:>5.1f}x "
-                  f"{row['full_peak_mb']:>9.1f} {row['s2_peak_mb']:>9.1f} {row['memory_ratio']:>9.3f}")
+                  f"{row['full_peak_mb']:>9.1f} {row['s2_peak_mb']:>9.1f} {row['memory_ratio']:>9.3f} "
+                  f"{row['memory_ratio_output_kept']:>9.3f}")
             del q, k, v
 
     out = Path(args.output)
@@ -180,6 +194,9 @@ def plot(rows, meta, path):
         ax_t.plot(ls, [r["s2_s"] for r in rs], "s-", label=f"S2-Attn ({backend})")
         ax_m.plot(ls, [r["full_peak_mb"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
         ax_m.plot(ls, [r["s2_peak_mb"] for r in rs], "s-", label=f"S2-Attn ({backend})")
+        if "s2_output_kept_peak_mb" in rs[0]:
+            ax_m.plot(ls, [r["s2_output_kept_peak_mb"] for r in rs], "x:",
+                      label=f"S2-Attn ({backend}), caller keeps the output")
         for r in rs:
             ax_t.annotate(f"{r['speedup']:.2f}x", (r["length"], r["s2_s"]), textcoords="offset points",
                           xytext=(0, -12), ha="center", fontsize=8)

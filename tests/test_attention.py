@@ -342,3 +342,29 @@ def test_peak_memory_of_forward_and_backward_is_not_above_full_sdpa():
         q.grad = k.grad = v.grad = None
     full, s2 = peaks
     assert s2 <= full, f"S2 peak {s2 / 2**20:.2f} MiB > full SDPA {full / 2**20:.2f} MiB"
+
+
+def test_backward_calls_cover_every_group_and_head_once_and_fill_the_threads():
+    from longlora.attention import _backward_calls
+
+    for count, hq, hkv, threads in [(3, 4, 1, 2), (4, 4, 1, 2), (3, 8, 2, 4), (5, 6, 3, 2), (3, 4, 4, 2), (1, 4, 1, 1)]:
+        cells = []
+        for g, heads, kv_heads, rep in _backward_calls(count, hq, hkv, threads):
+            assert heads.stop - heads.start == rep * (kv_heads.stop - kv_heads.start) or rep == 1
+            cells += [(i, h) for i in range(count)[g] for h in range(hq)[heads]]
+            # work items the kernel spreads over threads: groups x key/value heads, or x query heads when expanded
+            items = (g.stop - g.start) * (rep if rep > 1 else kv_heads.stop - kv_heads.start)
+            assert items >= min(threads, count * hq) or (rep == 1 and hq == hkv)
+        assert sorted(cells) == [(i, h) for i in range(count) for h in range(hq)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_gradients_exact_for_every_thread_count(monkeypatch, threads):
+    from longlora import attention
+
+    monkeypatch.setattr(attention, "_kernel_threads", lambda: threads)
+    q, k, v = rand_qkv(1, 8, 2, 96)
+    grad_out = torch.randn(1, 8, 96, 8, dtype=torch.float64)
+    (s2_attention(q, k, v, 32) * grad_out).sum().backward()
+    for x, r in zip((q, k, v), _reference_grads(q, k, v, 32, grad_out)):
+        torch.testing.assert_close(x.grad, r, atol=1e-10, rtol=0)

@@ -256,6 +256,29 @@ def _pieces(x: torch.Tensor, bi: int, h0: int, h1: int, start: int, seg_len: int
                            base.storage_offset() + start * s_l)
 
 
+def _kernel_threads() -> int:
+    return torch.get_num_threads()
+
+
+def _backward_calls(count: int, hq: int, hkv: int, threads: int) -> list[tuple[slice, slice, slice, int]]:
+    """Backward kernel calls for one batch of `count` groups: (groups, query heads, key/value heads, rep).
+
+    With GQA inputs torch's CPU backward kernel parallelises over (groups x key/value heads) only: a call gets just
+    enough groups to give every thread one (more would only hold more gradient memory). Groups left over (on 2
+    threads, the 3 middle groups of a shifted row leave 1) would leave threads idle, so their calls see one
+    key/value head as its `rep` query heads (rep > 1; expanded with stride 0), which the kernel parallelises over.
+    """
+    rep = hq // hkv
+    per_call = max(1, -(-threads // hkv))
+    whole = count if rep == 1 else count // per_call * per_call
+    calls = [(slice(s, min(s + per_call, count)), slice(0, hq), slice(0, hkv), 1) for s in range(0, whole, per_call)]
+    per_expanded = max(1, -(-threads // rep))
+    for s in range(whole, count, per_expanded):
+        groups = slice(s, min(s + per_expanded, count))
+        calls += [(groups, slice(kv * rep, (kv + 1) * rep), slice(kv, kv + 1), rep) for kv in range(hkv)]
+    return calls
+
+
 class _S2FlashCPU(torch.autograd.Function):
     """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, batch of groups).
 
@@ -305,28 +328,28 @@ class _S2FlashCPU(torch.autograd.Function):
         dq = out if ctx.output_reused else torch.empty_like(query)
         # same strides as the inputs, so that autograd hands them over without a copy
         dk, dv = torch.zeros_like(key), torch.zeros_like(value)
+        threads = _kernel_threads()
         for (bi, h0, h1, kv0, kv1, batch), lse in zip(ctx.plan, lses):
             q, o, go, gq = (_pieces(x, bi, h0, h1, *batch) for x in (query, out, grad_out, dq))  # (n, H, seg, D)
             k, v, gk, gv = (_pieces(x, bi, kv0, kv1, *batch) for x in (key, value, dk, dv))  # (n, Hkv, seg, D)
             _, seg_len, count, _ = batch
             tile = max(_BWD_MIN_TILE, -(-seg_len // _BWD_SPLITS))
-            # the backward kernel parallelises over (batch x kv heads) only: give every thread one, no more (memory)
-            per_call = max(1, -(-torch.get_num_threads() // (kv1 - kv0)))
-            n_calls = max(1, count // per_call)
-            for p in range(n_calls):
-                g = slice(count * p // n_calls, count * (p + 1) // n_calls)
+            for g, heads, kv_heads, rep in _backward_calls(count, h1 - h0, kv1 - kv0, threads):
                 for i0 in range(0, seg_len, tile):
                     rows = slice(i0, min(i0 + tile, seg_len))
                     row_dq = None
                     for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
                         cols = slice(j0, min(j0 + tile, seg_len))
-                        tq, tk, tv = flash_bwd(go[g, :, rows], q[g, :, rows], k[g, :, cols], v[g, :, cols],
-                                               o[g, :, rows], lse[g, :, rows], 0.0, j0 == i0, scale=ctx.scale)
+                        # rep > 1: one key/value head seen as `rep` query heads (stride 0, no copy)
+                        kt, vt = (x[g, kv_heads, cols] if rep == 1 else x[g, kv_heads, cols].expand(-1, rep, -1, -1)
+                                  for x in (k, v))
+                        tq, tk, tv = flash_bwd(go[g, heads, rows], q[g, heads, rows], kt, vt, o[g, heads, rows],
+                                               lse[g, heads, rows], 0.0, j0 == i0, scale=ctx.scale)
                         row_dq = tq if row_dq is None else row_dq.add_(tq)
-                        gk[g, :, cols] += tk
-                        gv[g, :, cols] += tv
+                        gk[g, kv_heads, cols] += tk if rep == 1 else tk.sum(1, keepdim=True)
+                        gv[g, kv_heads, cols] += tv if rep == 1 else tv.sum(1, keepdim=True)
                         del tq, tk, tv
-                    gq[g, :, rows].copy_(row_dq)  # these output rows are no longer read: safe to overwrite
+                    gq[g, heads, rows].copy_(row_dq)  # these output rows are no longer read: safe to overwrite
                     del row_dq
         return dq, dk, dv, None, None, None
 
