@@ -158,15 +158,19 @@ def _plot(summary, path):
 
     from longlora.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(summary) + 1.5))
-    names = [s["row"] for s in summary][::-1]
-    vals = [s["ppl_1024"] for s in summary][::-1]
-    errs = [s["stdev"] for s in summary][::-1]
-    ax.barh(names, vals, xerr=errs, color="tab:blue", alpha=0.8)
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("held-out perplexity at 1024 tokens (full attention), embedded model extended 256 -> 1024")
-    ax.set_title("LongLoRA ablations in miniature")
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(summary) + 1.8))
+    ys = range(len(summary))[::-1]  # first row on top
+    ax.errorbar([s["ppl_1024"] for s in summary], ys, xerr=[s["stdev"] for s in summary], fmt="o",
+                color="tab:blue", capsize=3, label="ppl@1024 (mean; bar: stdev over seeds)")
+    ax.plot([s["ppl_256"] for s in summary], ys, "x", color="tab:gray", label="ppl@256")
+    for y, s in zip(ys, summary):
+        ax.annotate(f"{s['ppl_1024']:.2f}", (s["ppl_1024"], y), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set_yticks(list(ys), [s["row"] for s in summary])
+    ax.set_xlabel("held-out perplexity (full-attention evaluation), embedded model extended 256 -> 1024")
+    ax.set_title("LongLoRA ablations in miniature (lower is better)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
