@@ -3,7 +3,7 @@
 Every row extends the embedded model (pretrained at 256 tokens) to 1024 with linear PI x4, with the same data, steps
 and seed, and is evaluated with full attention on the held-out stdlib modules at 1024 (and 256).
 
-    python benchmarks/ablation.py                      # all rows (run by hand; about an hour on 2 CPU cores)
+    python benchmarks/ablation.py                      # all rows (run by hand; ~20 min on 2 CPU cores)
     python benchmarks/ablation.py --rows pi_only,lora_plus_s2 --steps 8 --windows 8   # the CI smoke version
 
 Every row runs with the first of --seeds; the --variance-rows (the comparisons the paper's claims rest on) run with
