@@ -16,6 +16,7 @@ Prints a table beside the paper's numbers, writes docs/benchmarks/ablation.{json
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -57,15 +58,18 @@ def main(argv=None):
     p.add_argument("--train-files", type=int, default=None, help="use an even sample of N training files")
     p.add_argument("--work-dir", default="runs/ablation")
     p.add_argument("--output", default="docs/benchmarks/ablation.json")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="evaluate runs already trained in --work-dir with the same steps instead of training again")
     args = p.parse_args(argv)
 
     import torch
 
+    from longlora import enable_s2_attention
     from longlora.embedded import embedded_model_path
     from longlora.io import write_json
     from longlora.modeling import load_model_and_tokenizer
     from longlora.quickstart import BASE_LENGTH, FACTOR, _perplexities, _write_split
-    from longlora.train import cmd_train
+    from longlora.train import SUMMARY, cmd_train
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -96,31 +100,44 @@ def main(argv=None):
                 train_loss = None
             else:
                 out = work / f"{row}-seed{seed}"
-                shutil.rmtree(out, ignore_errors=True)
-                lr = args.full_ft_learning_rate if options.get("finetune") == "full" else args.learning_rate
-                trained = cmd_train(
-                    [], model=str(base), data=str(train_dir), output_dir=str(out), context_length=target,
-                    max_steps=args.steps, learning_rate=lr, warmup_steps=min(10, args.steps // 4),
-                    per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=10**6,
-                    logging_steps=max(1, args.steps // 10), seed=seed, gradient_checkpointing=False, **options,
-                )
-                train_loss = trained.summary["last_loss"]
+                done = out / SUMMARY
+                if args.reuse_runs and done.exists() and json.loads(done.read_text()).get("steps") == args.steps:
+                    train_loss = json.loads(done.read_text())["last_loss"]  # trained by an earlier run: evaluate only
+                else:
+                    shutil.rmtree(out, ignore_errors=True)
+                    lr = args.full_ft_learning_rate if options.get("finetune") == "full" else args.learning_rate
+                    trained = cmd_train(
+                        [], model=str(base), data=str(train_dir), output_dir=str(out), context_length=target,
+                        max_steps=args.steps, learning_rate=lr, warmup_steps=min(10, args.steps // 4),
+                        per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=10**6,
+                        logging_steps=max(1, args.steps // 10), seed=seed, gradient_checkpointing=False, **options,
+                    )
+                    train_loss = trained.summary["last_loss"]
                 if options.get("finetune") == "full":
                     model, tok = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
                 else:
                     model, tok = load_model_and_tokenizer(str(base), str(out), dtype="float32", device="cpu")
             ppl = {r["length"]: r["perplexity"]
                    for r in _perplexities(model, tok, heldout_dir, lengths, args.windows, row)}
+            # Table 6's other column: evaluated with the attention it was trained with (S2 / short stay on in eval)
+            ppl_trained_attention = ppl[target]
+            if options is not None and options.get("attention") in ("s2", "short"):
+                enable_s2_attention(model, group_size_ratio=options.get("group_size_ratio", 0.25),
+                                    shift=options["attention"] == "s2", in_eval=True)
+                ppl_trained_attention = _perplexities(model, tok, heldout_dir, [target], args.windows,
+                                                      f"{row} with its training attention")[0]["perplexity"]
             del model
             results.append(dict(row=row, seed=seed, paper=paper, ppl_256=ppl[BASE_LENGTH], ppl_1024=ppl[target],
-                                train_loss=train_loss, seconds=time.time() - started))
-            print(f"{row:<16} seed {seed}: ppl@1024 {ppl[target]:.3f} (ppl@256 {ppl[BASE_LENGTH]:.3f}) "
-                  f"in {time.time() - started:.0f}s", flush=True)
+                                ppl_1024_trained_attention=ppl_trained_attention, train_loss=train_loss,
+                                seconds=time.time() - started))
+            print(f"{row:<16} seed {seed}: ppl@1024 {ppl[target]:.3f} (ppl@256 {ppl[BASE_LENGTH]:.3f}, @1024 with "
+                  f"its training attention {ppl_trained_attention:.3f}) in {time.time() - started:.0f}s", flush=True)
 
     summary = _table(results)
     meta = dict(steps=args.steps, learning_rate=args.learning_rate, full_ft_learning_rate=args.full_ft_learning_rate,
                 windows=args.windows, seeds=seeds, variance_rows=sorted(variance_rows), base=str(base),
-                threads=torch.get_num_threads(), torch=torch.__version__, minutes=(time.time() - t0) / 60)
+                threads=torch.get_num_threads(), torch=torch.__version__, minutes=(time.time() - t0) / 60,
+                reused_runs=args.reuse_runs)
     out = Path(args.output)
     write_json(out, dict(meta=meta, results=results, summary=summary))
     _plot(summary, out.with_suffix(".png"))
@@ -138,15 +155,17 @@ def _table(results):
     by_row: dict[str, list[dict]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
-    print(f"\n{'row':<16} {'ppl@1024':>9} {'+-':>6} {'ppl@256':>8}  paper")
+    print(f"\n{'row':<16} {'ppl@1024':>9} {'+-':>6} {'ppl@256':>8} {'own attn':>9}  paper")
     summary = []
     for row, rs in by_row.items():
         vals = [r["ppl_1024"] for r in rs]
         mean = statistics.fmean(vals)
         spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
         short = statistics.fmean(r["ppl_256"] for r in rs)
-        summary.append(dict(row=row, ppl_1024=mean, stdev=spread, ppl_256=short, seeds=len(rs), paper=rs[0]["paper"]))
-        print(f"{row:<16} {mean:>9.3f} {spread:>6.3f} {short:>8.3f}  {rs[0]['paper']}")
+        own = statistics.fmean(r["ppl_1024_trained_attention"] for r in rs)
+        summary.append(dict(row=row, ppl_1024=mean, stdev=spread, ppl_256=short, ppl_1024_trained_attention=own,
+                            seeds=len(rs), paper=rs[0]["paper"]))
+        print(f"{row:<16} {mean:>9.3f} {spread:>6.3f} {short:>8.3f} {own:>9.3f}  {rs[0]['paper']}")
     return summary
 
 
@@ -163,6 +182,10 @@ def _plot(summary, path):
     ax.errorbar([s["ppl_1024"] for s in summary], ys, xerr=[s["stdev"] for s in summary], fmt="o",
                 color="tab:blue", capsize=3, label="ppl@1024 (mean; bar: stdev over seeds)")
     ax.plot([s["ppl_256"] for s in summary], ys, "x", color="tab:gray", label="ppl@256")
+    own = [(s.get("ppl_1024_trained_attention"), y) for s, y in zip(summary, ys)
+           if s.get("ppl_1024_trained_attention") not in (None, s["ppl_1024"])]
+    if own:
+        ax.plot(*zip(*own), "s", mfc="none", color="tab:orange", label="ppl@1024 with its training attention (S2/short)")
     for y, s in zip(ys, summary):
         ax.annotate(f"{s['ppl_1024']:.2f}", (s["ppl_1024"], y), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=8)

@@ -49,3 +49,7 @@ def test_ablation_two_row_smoke(tmp_path):
     # ratio_1_4 has lora_plus_s2's options: reused, not trained again
     reused = [r for r in written["results"] if r["row"] == "ratio_1_4"]
     assert reused[0]["same_run_as"] == "lora_plus_s2" and summary[2]["ppl_1024"] == summary[1]["ppl_1024"]
+    # Table 6's other column: the S2 row evaluated with S2 differs from its full-attention evaluation
+    assert summary[0]["ppl_1024_trained_attention"] == summary[0]["ppl_1024"]
+    assert math.isfinite(summary[1]["ppl_1024_trained_attention"])
+    assert summary[1]["ppl_1024_trained_attention"] != summary[1]["ppl_1024"]

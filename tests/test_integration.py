@@ -204,3 +204,21 @@ def test_unsupported_features_raise_clear_errors():
         longlora.enable_s2_attention(build("llama"), group_size=7)
     with pytest.raises(ValueError, match="group_size_ratio"):
         S2Settings(group_size_ratio=0)
+
+
+def test_in_eval_applies_s2_in_eval_mode_and_refuses_generation():
+    model = build("llama")
+    ids = torch.randint(3, VOCAB, (2, 44), generator=torch.Generator().manual_seed(5))
+    _ref_inputs.clear()
+    reference = logits_with(model, REF, ids, train=True)
+    longlora.enable_s2_attention(model, group_size=GROUP, in_eval=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="KV cache"):
+            model.generate(ids[:1, :10], max_new_tokens=2, do_sample=False)
+    longlora.enable_s2_attention(model, group_size=GROUP)  # default: eval is full attention again
+    with torch.no_grad():
+        sdpa = logits_with(model, "sdpa", ids, train=False)
+        longlora.enable_s2_attention(model, group_size=GROUP)
+        assert torch.equal(model(ids).logits, sdpa)

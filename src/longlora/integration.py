@@ -34,6 +34,8 @@ class S2Settings:
     """Shift half of the heads by group_size/2; False gives the paper's no-shift ablation ("short" attention)."""
     backend: str = "auto"
     """sdpa | flash (flash-attn varlen, CUDA) | auto."""
+    in_eval: bool = False
+    """Also use S2 in eval mode (the paper's "test w/o full attention" column); no KV cache then, so no generation."""
 
     def __post_init__(self):
         if self.group_size is not None and (
@@ -95,7 +97,8 @@ def s2_attention_forward(
 
     query (B, Hq, L, D), key/value (B, Hkv, L, D) -> ((B, L, Hq, D), None).
     """
-    if not module.training:
+    settings = getattr(module, "s2_settings", _DEFAULT_SETTINGS)
+    if not (module.training or settings.in_eval):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("softcap") is not None:
@@ -105,8 +108,12 @@ def s2_attention_forward(
         )
     if not getattr(module, "is_causal", True):
         raise ValueError(f"S2-Attn is for causal decoders; {type(module).__name__} is not causal.")
-    settings = getattr(module, "s2_settings", _DEFAULT_SETTINGS)
     b, _, length, _ = query.shape
+    if key.shape[2] != length:
+        raise ValueError(
+            f"S2-Attn runs on whole sequences without a KV cache, but got {length} queries for {key.shape[2]} keys. "
+            "Call model.eval() with in_eval=False (the default) for generation, or train with use_cache=False."
+        )
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and position_ids.shape[-1] != length:
         position_ids = None
@@ -156,12 +163,14 @@ def check_s2_support(model) -> None:
 
 
 def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: float = 0.25, *, shift: bool = True,
-                        backend: str = "auto"):
+                        backend: str = "auto", in_eval: bool = False):
     """Switch a loaded model (or PEFT model) to S2-Attn for training; eval mode keeps full attention. Returns it.
 
     group_size=None uses group_size_ratio x the current sequence length (the paper's default 1/4); an int fixes it.
+    in_eval=True applies S2 in eval mode too (to measure a model under its training attention; no generation).
     """
-    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend=backend)
+    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend=backend,
+                          in_eval=in_eval)
     check_s2_support(model)
     register()
     _base_model(model).set_attn_implementation(S2_ATTENTION)
