@@ -222,3 +222,39 @@ def test_in_eval_applies_s2_in_eval_mode_and_refuses_generation():
         sdpa = logits_with(model, "sdpa", ids, train=False)
         longlora.enable_s2_attention(model, group_size=GROUP)
         assert torch.equal(model(ids).logits, sdpa)
+
+
+def test_training_forward_gets_an_O_L_mask_with_padding_and_packing_and_eval_stays_exact(monkeypatch):
+    """In an S2 forward the mask is (B, 1, 1, 2L), not (B, 1, L, L); eval mode still gets SDPA's own mask."""
+    from longlora import integration
+
+    seen = []
+    layout = integration._layout_from_mask
+    monkeypatch.setattr(integration, "_layout_from_mask",
+                        lambda mask, *a: seen.append(None if mask is None else tuple(mask.shape)) or layout(mask, *a))
+    model = build("llama")
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :9] = 0
+    sdpa_eval = logits_with(model, "sdpa", ids, train=False, attention_mask=mask)
+    longlora.enable_s2_attention(model, group_size=GROUP)
+    model.train()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert seen and set(seen) == {(2, 1, 1, 80)}  # padding: compact
+    seen.clear()
+    collated = DataCollatorWithFlattening(return_position_ids=True)([{"input_ids": ids[0, :25].tolist()},
+                                                                     {"input_ids": ids[1, :15].tolist()}])
+    with torch.no_grad():
+        model(collated["input_ids"], position_ids=collated["position_ids"], use_cache=False)
+    assert seen and set(seen) == {(1, 1, 1, 80)}  # packing detected by transformers: compact too
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, sdpa_eval)
+        # a forward that died in training leaves the flag set: eval layers still get SDPA's full mask, bit for bit
+        integration._S2_FORWARD.set(True)
+        model.model(ids, attention_mask=mask)  # the inner model has no hook: the flag stays as it is
+        assert torch.equal(model.lm_head(model.model(ids, attention_mask=mask).last_hidden_state), sdpa_eval)
+        integration._S2_FORWARD.set(False)
+    longlora.disable_s2_attention(model)
+    assert not model._longlora_hooks

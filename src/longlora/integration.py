@@ -10,12 +10,13 @@ with the same arguments, so evaluation and generation (KV cache included) are un
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from .attention import BACKENDS, s2_attention, token_layout
 
@@ -62,11 +63,62 @@ _UNSUPPORTED_FEATURES = {
 }
 
 
+# True while an S2 model runs a forward in which its attention layers use S2 (set by a forward pre-hook).
+_S2_FORWARD = contextvars.ContextVar("longlora_s2_forward", default=False)
+_COMPACT = "_longlora_compact_layout"  # attribute marking s2_mask's (B, 1, 1, 2L) masks
+
+
+def s2_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+            mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, local_size=None,
+            allow_is_causal_skip: bool = True, use_vmap: bool = False, device="cpu", **kwargs):
+    """AttentionMaskInterface entry for "s2_sdpa": SDPA's mask, except in a forward whose layers run S2.
+
+    S2 reads only two facts per token: is it real (the mask's diagonal) and does it see the token before it (the
+    sub-diagonal; a real token that does not starts a packed document). In an S2 forward this evaluates
+    transformers' mask function (padding, packing, sliding window, all index-based) at those 2L points per row and
+    returns them as a (B, 1, 1, 2L) bool tensor instead of the (B, 1, L, L) mask, which with padding or packing
+    costs B*L^2 bytes (4 GiB per row at 64k). None when every token is real and sees its predecessor.
+    """
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap, device=device, **kwargs)
+    if (not _S2_FORWARD.get() or use_vmap or q_offset or kv_offset or q_length != kv_length
+            or (attention_mask is not None and tuple(attention_mask.shape) != (batch_size, kv_length))):
+        return sdpa_mask(**args)
+    b = torch.arange(batch_size, device=device)[:, None]
+    head = torch.zeros(1, 1, dtype=torch.long, device=device)
+    t = torch.arange(q_length, device=device)[None, :]
+    prev = (t - 1).clamp(min=0)
+    try:  # index-based mask functions broadcast over aligned (B, L) indices just as over (B, 1, L, L) ones
+        diag = torch.as_tensor(mask_function(b, head, t, t), device=device).expand(batch_size, q_length)
+        sees_prev = torch.as_tensor(mask_function(b, head, t, prev), device=device).expand(batch_size, q_length)
+    except Exception:  # a mask function that is not index-based: build the full mask
+        return sdpa_mask(**args)
+    if attention_mask is not None:
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        diag = diag & real
+        sees_prev = sees_prev & real[:, prev[0]]
+    if bool(diag.all()) and bool(sees_prev[:, 1:].all()):
+        return None  # no padding, no packing: S2's regular layout (and SDPA's is_causal)
+    compact = torch.cat([diag, sees_prev], dim=1)[:, None, None, :]
+    setattr(compact, _COMPACT, lambda: sdpa_mask(**args))  # the full mask, should an eval-mode layer need it
+    return compact
+
+
+def _full_mask(mask):
+    """The (B, 1, L, L) mask SDPA expects, from s2_mask's compact form if that is what came."""
+    return getattr(mask, _COMPACT)() if hasattr(mask, _COMPACT) else mask
+
+
 def _layout_from_mask(mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
                       device: torch.device):
-    """Real tokens and document starts, read off the 4-D mask transformers built (diagonal and sub-diagonal only)."""
+    """Real tokens and document starts, read off the mask transformers built (diagonal and sub-diagonal only)."""
     real = boundaries = None
-    if mask is not None:
+    if mask is not None and hasattr(mask, _COMPACT):
+        real, sees_prev = mask[:, 0, 0, :length], mask[:, 0, 0, length:]
+        boundaries = torch.zeros_like(real)
+        boundaries[:, 1:] = real[:, 1:] & real[:, :-1] & ~sees_prev[:, 1:]
+    elif mask is not None:
         if mask.shape[-1] != length or mask.shape[-2] != length:
             raise ValueError(
                 f"S2-Attn trains on whole sequences without a KV cache, but got a {tuple(mask.shape)} mask for "
@@ -99,8 +151,8 @@ def s2_attention_forward(
     """
     settings = getattr(module, "s2_settings", _DEFAULT_SETTINGS)
     if not (module.training or settings.in_eval):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, _full_mask(attention_mask), dropout=dropout,
+                                      scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(
             f"{type(module).__name__} uses attention logit soft-capping, which S2-Attn (SDPA-based) cannot apply. "
@@ -129,7 +181,7 @@ def s2_attention_forward(
 def register() -> None:
     """Register "s2_sdpa" with transformers (idempotent; done on `import longlora`)."""
     AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
-    AttentionMaskInterface.register(S2_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(S2_ATTENTION, s2_mask)
 
 
 def _base_model(model):
@@ -173,15 +225,32 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
                           in_eval=in_eval)
     check_s2_support(model)
     register()
-    _base_model(model).set_attn_implementation(S2_ATTENTION)
+    base = _base_model(model)
+    base.set_attn_implementation(S2_ATTENTION)
     for module in attention_modules(model):
         module.s2_settings = settings
+    _remove_forward_hooks(base)
+
+    def entering(module, args):  # tells s2_mask whether this forward's layers run S2
+        _S2_FORWARD.set(module.training or settings.in_eval)
+
+    def leaving(module, args, output):
+        _S2_FORWARD.set(False)
+
+    base._longlora_hooks = (base.register_forward_pre_hook(entering), base.register_forward_hook(leaving))
     return model
+
+
+def _remove_forward_hooks(base) -> None:
+    for handle in getattr(base, "_longlora_hooks", ()):
+        handle.remove()
+    base._longlora_hooks = ()
 
 
 def disable_s2_attention(model):
     """Restore transformers' SDPA attention. Returns the model."""
     _base_model(model).set_attn_implementation("sdpa")
+    _remove_forward_hooks(_base_model(model))
     for module in attention_modules(model):
         if hasattr(module, "s2_settings"):
             del module.s2_settings
