@@ -191,6 +191,19 @@ def test_peft_model_can_be_switched():
     model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     longlora.enable_s2_attention(model, group_size=GROUP)
     assert model.get_base_model().config._attn_implementation == S2_ATTENTION
+    # through PEFT's wrapper the S2 forward is still recognised: a padded training batch gets the O(L) mask
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    seen = []
+    handle = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple(
+            longlora.integration.s2_mask(2, 40, 40, attention_mask=kwargs["attention_mask"]).shape)),
+        with_kwargs=True)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    handle.remove()
+    assert seen == [(2, 1, 1, 80)]
 
 
 def test_unsupported_features_raise_clear_errors():
