@@ -100,9 +100,9 @@ def main(argv=None):
                 train_loss = None
             else:
                 out = work / f"{row}-seed{seed}"
-                done = out / SUMMARY
-                if args.reuse_runs and done.exists() and json.loads(done.read_text()).get("steps") == args.steps:
-                    train_loss = json.loads(done.read_text())["last_loss"]  # trained by an earlier run: evaluate only
+                done = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+                if args.reuse_runs and done.get("steps") == args.steps:
+                    train_loss = done["last_loss"]  # trained by an earlier run: evaluate only
                 else:
                     shutil.rmtree(out, ignore_errors=True)
                     lr = args.full_ft_learning_rate if options.get("finetune") == "full" else args.learning_rate

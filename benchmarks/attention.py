@@ -84,10 +84,13 @@ def measure(fn, q, k, v, repeats, keep_output=False):
     device = q.device
 
     def step():
-        kept = fn(q, k, v) if keep_output else None
-        (kept if keep_output else fn(q, k, v)).float().sum().backward()
+        if keep_output:
+            kept = fn(q, k, v)
+            kept.float().sum().backward()
+            del kept
+        else:
+            fn(q, k, v).float().sum().backward()
         q.grad = k.grad = v.grad = None
-        del kept
 
     return time_and_peak(step, device, repeats, exclude=(q, k, v))
 

@@ -113,12 +113,11 @@ def _full_mask(mask):
 def _layout_from_mask(mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
                       device: torch.device):
     """Real tokens and document starts, read off the mask transformers built (diagonal and sub-diagonal only)."""
-    real = boundaries = None
-    if mask is not None and hasattr(mask, _COMPACT):
-        real, sees_prev = mask[:, 0, 0, :length], mask[:, 0, 0, length:]
-        boundaries = torch.zeros_like(real)
-        boundaries[:, 1:] = real[:, 1:] & real[:, :-1] & ~sees_prev[:, 1:]
-    elif mask is not None:
+    if mask is None:
+        return token_layout(batch, length, device, position_ids=position_ids)
+    if hasattr(mask, _COMPACT):  # s2_mask's (B, 1, 1, 2L): diagonal, then sub-diagonal (its first entry unused)
+        real, sees_prev = mask[:, 0, 0, :length], mask[:, 0, 0, length + 1:]
+    else:
         if mask.shape[-1] != length or mask.shape[-2] != length:
             raise ValueError(
                 f"S2-Attn trains on whole sequences without a KV cache, but got a {tuple(mask.shape)} mask for "
@@ -128,9 +127,9 @@ def _layout_from_mask(mask: torch.Tensor | None, position_ids: torch.Tensor | No
         allowed = allowed.expand(batch, length, length)  # (B, L, L)
         real = allowed.diagonal(dim1=1, dim2=2)  # (B, L): a token sees itself iff it is real
         sees_prev = allowed.diagonal(offset=-1, dim1=1, dim2=2)  # (B, L-1): token t sees t-1
-        boundaries = torch.zeros_like(real)
-        # a real token right after a real token it cannot see starts a new packed document
-        boundaries[:, 1:] = real[:, 1:] & real[:, :-1] & ~sees_prev
+    boundaries = torch.zeros_like(real)
+    # a real token right after a real token it cannot see starts a new packed document
+    boundaries[:, 1:] = real[:, 1:] & real[:, :-1] & ~sees_prev
     return token_layout(batch, length, device, attention_mask=real, position_ids=position_ids,
                         doc_boundaries=boundaries)
 
