@@ -89,6 +89,9 @@ class Plan:
     """Wall time of pretraining (the step count follows from the measured step time)."""
     base_steps: int | None = None
     """A fixed number of pretraining steps instead of base_seconds (the smoke run: deterministic)."""
+    base_optimizer: str = "muon"
+    """The embedded recipe's: 'muon' (Muon on the hidden matrices, AdamW on embedding and norms) or 'adamw' (for
+    CPU runs, where Muon's Newton-Schulz products dominate a step; pair it with base_learning_rate=0.003)."""
     base_learning_rate: float = 0.02
     """AdamW peak rate of the embedding and norms: the embedded recipe's 0.06 at width 192, scaled by 192/512."""
     muon_learning_rate: float = 0.02
@@ -104,7 +107,8 @@ class Plan:
     probe_steps: int = 12
     min_steps: int = 50
     """Fewer steps than this is no extension: the run says the budget is too small and uses this many."""
-    max_steps: int = 2000
+    max_steps: int = 1000
+    """The paper's step count: a faster GPU finishes early rather than train longer than the paper did."""
     budget_minutes: float = 9.0
     """The whole run, start-up included."""
     reserve_seconds: float = 20.0
@@ -131,6 +135,8 @@ class Plan:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
+        if self.base_optimizer not in ("muon", "adamw"):
+            raise ValueError(f"base_optimizer must be 'muon' or 'adamw', got {self.base_optimizer!r}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
 
@@ -291,7 +297,7 @@ def embedded_recipe(plan: Plan):
         num_layers=plan.num_layers, num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads,
         context_length=plan.base_length, batch_size=plan.base_batch, steps=plan.base_steps or 1,
         learning_rate=plan.base_learning_rate, muon_learning_rate=plan.muon_learning_rate,
-        warmup_steps=plan.warmup_steps,
+        warmup_steps=plan.warmup_steps, optimizer=plan.base_optimizer,
     )
 
 
@@ -327,7 +333,8 @@ def pretrain_base(plan: Plan, tokenizer, stream, heldout, out: Path, device, see
     optimizers = _optimizers(model, recipe)
     bf16 = device.type == "cuda"
     # steps: fixed, or what base_seconds allows at the step time measured after the first (compiling) steps
-    total = plan.base_steps or 10**9
+    unknown = 10**9  # until calibrated
+    total = plan.base_steps or unknown
     timed_from, calibrate_at = 3, 13  # the first steps allocate and warm up: timed from the fourth
     losses, started, step = [], time.time(), 0
     model.train()
@@ -335,9 +342,11 @@ def pretrain_base(plan: Plan, tokenizer, stream, heldout, out: Path, device, see
         if step == timed_from:
             sync(device)
             t_timed = time.time()
-        if step == calibrate_at and plan.base_steps is None:
+        # calibrate after 10 timed steps, or sooner on a slow device (a fifth of the budget gone)
+        slow = step > timed_from and time.time() - started > plan.base_seconds / 5
+        if plan.base_steps is None and total == unknown and (step == calibrate_at or slow):
             sync(device)
-            per_step = (time.time() - t_timed) / (calibrate_at - timed_from)
+            per_step = (time.time() - t_timed) / (step - timed_from)
             total = step + max(1, int((plan.base_seconds - (time.time() - started)) / per_step))
             print(f"base: {per_step * 1e3:.0f} ms/step -> {total} steps in {plan.base_seconds:.0f}s", flush=True)
         if cursor + B > len(order):  # next epoch: a fresh permutation
@@ -527,6 +536,8 @@ def parse_plan(args) -> Plan:
             changes[name] = tuple(float(v) for v in value.split(","))
         elif value.lower() == "none":
             changes[name] = None
+        elif types[name] == "str":
+            changes[name] = value
         elif "float" in str(types[name]):
             changes[name] = float(value)
         else:
