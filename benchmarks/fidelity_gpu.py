@@ -501,15 +501,17 @@ def readings(summary: list[dict], target: int) -> list[str]:
         s2, ref = by["lora_plus_s2"], by["lora_plus_full"]
         g = 100.0 * (s2[full] / ref[full] - 1.0)
         out.append(f"LoRA+ + S2 under full attention vs LoRA+ trained with full attention: {s2[full]:.3f} vs "
-                   f"{ref[full]:.3f} ({g:+.1f} %): {'within' if g <= 2.0 else 'NOT within'} the paper's 2 % "
+                   f"{ref[full]:.3f} ({g:+.1f} %): the paper's claim (at most 2 % worse) "
+                   f"{'holds' if g <= 2.0 else 'does NOT hold'} here "
                    f"(seed stdev {s2['stdev']:.3f} / {ref['stdev']:.3f})")
     if "lora_plus_s2" in by and "lora_plus_short" in by:
         s2, short = by["lora_plus_s2"], by["lora_plus_short"]
         for key, what in ((full, "full-attention eval"), (own, "own attention")):
             d = short[key] - s2[key]
-            out.append(f"shift vs no shift ({what}): {s2[key]:.3f} vs {short[key]:.3f}: the shift "
-                       f"{'beats' if d > 0 else 'does NOT beat'} no shift by {d:+.3f} "
-                       f"(seed stdev {s2['stdev']:.3f} / {short['stdev']:.3f} at full attention)")
+            out.append(f"shift vs no shift ({what}): {s2[key]:.3f} vs {short[key]:.3f}: "
+                       f"{'the shift' if d > 0 else 'no shift'} is better by {abs(d):.3f} "
+                       f"({100.0 * abs(d) / max(s2[key], short[key]):.1f} %; seed stdev at full attention "
+                       f"{s2['stdev']:.3f} / {short['stdev']:.3f})")
     return out
 
 
