@@ -24,7 +24,8 @@ GPU call of at most --budget-minutes (9) that it splits between its stages by me
 
     python benchmarks/fidelity_gpu.py                       # the GPU run (one H100/H200, <= 9 minutes)
     python benchmarks/fidelity_gpu.py --smoke --output /tmp/f.json   # the CI version: tiny, CPU, about a minute
-    python benchmarks/fidelity_gpu.py --device cpu --set hidden_size=256 --set base_seconds=60 ...  # scaled down
+    python benchmarks/fidelity_gpu.py --device cpu --seeds 0 --set base_optimizer=adamw ...  # scaled down, as in
+                                                                             # docs/benchmarks/RESULTS.md
 
 Needs only torch, transformers, peft, accelerate, tokenizers, pyyaml and matplotlib (no `datasets`, no internet).
 """
