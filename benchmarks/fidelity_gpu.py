@@ -130,7 +130,7 @@ class Plan:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None and value <= 0:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
@@ -138,6 +138,8 @@ class Plan:
             raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
         if self.base_optimizer not in ("muon", "adamw"):
             raise ValueError(f"base_optimizer must be 'muon' or 'adamw', got {self.base_optimizer!r}")
+        if not self.passkey_depths or not all(0.0 <= d <= 1.0 for d in self.passkey_depths):
+            raise ValueError(f"passkey_depths must be depths in [0, 1], got {self.passkey_depths}")
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
 
@@ -230,7 +232,8 @@ def split_corpus(plan: Plan) -> dict:
     """Train / held-out texts (held out: the embedded model's rule on the key), each capped in bytes.
 
     Files are taken in sha256 order of their key, so a cap keeps a sample of every package, the same on every
-    machine with the same packages.
+    machine with the same packages. A file whose bytes were already taken (vendored copies, the same module in two
+    packages) is skipped, so no held-out text is also in the train split.
     """
     from longlora.embedded import _is_heldout
 
@@ -238,15 +241,23 @@ def split_corpus(plan: Plan) -> dict:
     split: dict[str, list] = {"train": [], "heldout": []}
     caps = {"train": plan.corpus_mb * 2**20, "heldout": plan.heldout_mb * 2**20}
     used = {"train": 0, "heldout": 0}
+    contents: set[bytes] = set()
+    duplicates = 0
     for key, path, size in files:
         part = "heldout" if _is_heldout(key) else "train"
         if used[part] + size > caps[part]:
             continue
-        split[part].append((key, path.read_bytes().decode("utf-8", errors="replace")))
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).digest()
+        if digest in contents:
+            duplicates += 1
+            continue
+        contents.add(digest)
+        split[part].append((key, data.decode("utf-8", errors="replace")))
         used[part] += size
     if not split["train"] or not split["heldout"]:
         raise RuntimeError(f"found {len(files)} Python source files: too few for a train and a held-out split")
-    return dict(files_found=len(files), train=split["train"], heldout=split["heldout"],
+    return dict(files_found=len(files), duplicates_skipped=duplicates, train=split["train"], heldout=split["heldout"],
                 train_bytes=used["train"], heldout_bytes=used["heldout"])
 
 
@@ -609,6 +620,7 @@ def main(argv=None):
         tokenizer, stream, heldout = tokenize_corpus(corpus, plan)
         corpus_meta = dict(
             roots=[f"{label}: {root}" for label, root in source_roots()], files_found=corpus["files_found"],
+            duplicates_skipped=corpus["duplicates_skipped"],
             train_files=len(corpus["train"]), heldout_files=len(corpus["heldout"]),
             train_mb=corpus["train_bytes"] / 2**20, heldout_mb=corpus["heldout_bytes"] / 2**20,
             train_tokens=len(stream), heldout_tokens=int(sum(len(d) for d in heldout)),

@@ -115,6 +115,8 @@ def test_corpus_split_is_by_file_deterministic_and_capped():
     assert train == [k for k, _ in second["train"]] and heldout == [k for k, _ in second["heldout"]]
     assert train and heldout and not set(train) & set(heldout)
     assert all(_is_heldout(k) for k in heldout) and not any(_is_heldout(k) for k in train)
+    texts = [x for _, x in first["train"] + first["heldout"]]
+    assert len(set(texts)) == len(texts)  # no file's text twice: nothing held out is also trained on
     assert first["train_bytes"] <= plan.corpus_mb * 2**20 and first["heldout_bytes"] <= plan.heldout_mb * 2**20
     assert {k.split("/")[0] for k in train + heldout} <= {"stdlib", "site-packages", "site-packages-1"}
 
@@ -133,6 +135,6 @@ def test_plan_overrides_and_their_errors():
     args = fidelity_gpu.argparse.Namespace(smoke=False, set=["factor=8", "base_seconds=200", "steps=none"], steps=None)
     plan = fidelity_gpu.parse_plan(args)
     assert plan.target == 4096 and plan.base_seconds == 200.0 and plan.steps is None
-    for bad in (["nope=1"], ["factor=1"], ["min_steps=5000"]):
+    for bad in (["nope=1"], ["factor=1"], ["min_steps=5000"], ["passkey_depths=0.5,1.5"], ["base_optimizer=sgd"]):
         with pytest.raises(SystemExit):
             fidelity_gpu.parse_plan(fidelity_gpu.argparse.Namespace(smoke=False, set=bad, steps=None))
