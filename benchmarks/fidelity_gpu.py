@@ -20,7 +20,8 @@ GPU call of at most --budget-minutes (9) that it splits between its stages by me
              Each row is evaluated on the held-out files: perplexity at 512 and 2048 with full attention, at 2048
              with its own attention (S2 / short rows), and passkey retrieval at 2048 (PASSKEY_TEMPLATE).
   4. report  a table beside the paper's Table 2/6 numbers and the 2.4M miniature's (docs/benchmarks/ablation*.json),
-             the claims as gaps in %, docs/benchmarks/fidelity_gpu.{json,png}.
+             the claims as gaps in %, docs/benchmarks/fidelity_gpu.{json,png}. (Rows are also written to
+             <output>.partial.json as they end, so a run stopped by a timeout keeps them; removed at the end.)
 
     python benchmarks/fidelity_gpu.py                       # the GPU run (one H100/H200, <= 9 minutes)
     python benchmarks/fidelity_gpu.py --smoke --output /tmp/f.json   # the CI version: tiny, CPU, about a minute
@@ -642,6 +643,12 @@ def main(argv=None):
     runs = runs_of(rows, seeds, key_rows)
     trained_runs = [(r, s) for r, s in runs if ROWS[r][0] is not None]
     results, calibration = [], {}
+    partial = Path(args.output).with_suffix(".partial.json")
+
+    def keep(result: dict) -> None:  # each row as it ends: a run stopped by a timeout still leaves its rows
+        results.append(result)
+        write_json(partial, dict(plan=asdict(plan), corpus=corpus_meta, base=base, calibration=calibration,
+                                 stages_seconds=dict(stages.seconds), results=results))
     with stages.run("rows"):
         first_eval = None
         for row, seed in [(r, s) for r, s in runs if ROWS[r][0] is None]:  # PI only: evaluation alone, timed
@@ -650,8 +657,8 @@ def main(argv=None):
             measured = evaluate(model, tok, heldout, None, plan, row, args.passkey_template)
             del model
             first_eval = time.time() - started
-            results.append(dict(row=row, seed=seed, paper=ROWS[row][1], **measured, train_loss=None, steps=0,
-                                train_seconds=0.0, seconds=first_eval))
+            keep(dict(row=row, seed=seed, paper=ROWS[row][1], **measured, train_loss=None, steps=0,
+                      train_seconds=0.0, seconds=first_eval))
             print(f"{row:<16} seed {seed}: {_line(measured, plan)} in {first_eval:.1f}s", flush=True)
 
         steps = plan.steps
@@ -661,16 +668,15 @@ def main(argv=None):
         for row, seed in trained_runs:
             options, paper = ROWS[row]
             started = time.time()
-            out = work / f"{row}-seed{seed}"
-            summary = train_row(options, base=base_dir, output_dir=out, data="python sources (in memory)",
+            run_dir = work / f"{row}-seed{seed}"
+            summary = train_row(options, base=base_dir, output_dir=run_dir, data="python sources (in memory)",
                                 target=plan.target, steps=steps, seed=seed, build_data=build_data, **train_options)
             train_seconds = time.time() - started
-            model, tok = load_row_model(options, base_dir, out, plan.factor, device=str(device))
+            model, tok = load_row_model(options, base_dir, run_dir, plan.factor, device=str(device))
             measured = evaluate(model, tok, heldout, options, plan, row, args.passkey_template)
             del model
-            results.append(dict(row=row, seed=seed, paper=paper, **measured, train_loss=summary["last_loss"],
-                                steps=summary["steps"], train_seconds=train_seconds,
-                                seconds=time.time() - started))
+            keep(dict(row=row, seed=seed, paper=paper, **measured, train_loss=summary["last_loss"],
+                      steps=summary["steps"], train_seconds=train_seconds, seconds=time.time() - started))
             print(f"{row:<16} seed {seed}: {_line(measured, plan)}; trained {summary['steps']} steps in "
                   f"{train_seconds:.1f}s, total {time.time() - started:.1f}s (run at {time.time() - STARTED:.0f}s "
                   f"of {plan.budget_minutes * 60:.0f}s)", flush=True)
@@ -702,6 +708,7 @@ def main(argv=None):
         )
         write_json(out, dict(meta=meta, results=results, summary=summary, claims=table, readings=reading))
         plot(summary, plan, base, out.with_suffix(".png"))
+        partial.unlink(missing_ok=True)
     print("\nstages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.seconds.items())
           + f"; total {(time.time() - STARTED) / 60:.2f} min (budget {plan.budget_minutes} min)")
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -77,6 +77,7 @@ def test_smoke_writes_every_row_seed_and_stage(smoke):
         assert f"== stage {stage}:" in printed
     assert meta["base"]["steps"] == plan.base_steps and math.isfinite(meta["base"]["heldout_ppl_64"])
     assert meta["corpus"]["train_files"] > 0 and meta["corpus"]["heldout_files"] > 0
+    assert not out.with_suffix(".partial.json").exists()  # the rows kept as they end, removed once complete
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
