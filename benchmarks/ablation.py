@@ -18,30 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-# row -> (train options, the paper's number to compare with: Table 2 (PPL at 32k with full-attention eval) or
-# Table 6 (full-attention eval column); None where the paper has no such row)
-ROWS: dict[str, tuple[dict | None, str]] = {
-    "pi_only": (None, "no fine-tuning: position interpolation only"),
-    "full_ft_full": (dict(finetune="full", attention="full"), "Table 2 full fine-tune: 8.08"),
-    "lora_full": (dict(finetune="lora", attention="full"), "Table 2 LoRA (q,k,v,o): 11.44"),
-    "lora_norm_full": (dict(finetune="lora_plus", trainable=["norm"], attention="full"), "Table 2 LoRA + norm: 10.49"),
-    "lora_embed_full": (dict(finetune="lora_plus", trainable=["embed"], attention="full"),
-                        "Table 2 LoRA + embed: 8.29"),
-    "lora_plus_full": (dict(finetune="lora_plus", attention="full"), "Table 2 LoRA+ (embed + norm): 8.12"),
-    "lora_plus_s2": (dict(finetune="lora_plus", attention="s2"), "Table 6 S2-Attn (the method): 8.12"),
-    "lora_plus_short": (dict(finetune="lora_plus", attention="short"), "Table 6 plain groups, no shift: 8.39"),
-    "full_ft_s2": (dict(finetune="full", attention="s2"), "full fine-tune + S2 (paper: close to 8.08)"),
-    "ratio_1_2": (dict(finetune="lora_plus", attention="s2", group_size_ratio=0.5), "group 1/2 (paper: best with 1/4)"),
-    "ratio_1_4": (dict(finetune="lora_plus", attention="s2", group_size_ratio=0.25), "group 1/4 (paper default)"),
-    "ratio_1_8": (dict(finetune="lora_plus", attention="s2", group_size_ratio=0.125), "group 1/8 (paper: worse)"),
-}
+from _extension import (  # noqa: E402  (benchmarks/ is on sys.path: this script's directory)
+    ROWS, load_row_model, plot_rows, row_perplexities, same_options, summarize, train_row,
+)
 
 
 def main(argv=None):
@@ -64,12 +49,10 @@ def main(argv=None):
 
     import torch
 
-    from longlora import enable_s2_attention
     from longlora.embedded import embedded_model_path
     from longlora.io import write_json
-    from longlora.modeling import load_model_and_tokenizer
-    from longlora.quickstart import BASE_LENGTH, FACTOR, _perplexities, _write_split
-    from longlora.train import SUMMARY, cmd_train
+    from longlora.quickstart import BASE_LENGTH, FACTOR, _write_split
+    from longlora.train import SUMMARY
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -90,114 +73,44 @@ def main(argv=None):
         options, paper = ROWS[row]
         for seed in seeds if row in variance_rows else seeds[:1]:
             started = time.time()
-            same = next((r for r in results if r["seed"] == seed and _same(ROWS[r["row"]][0], options)), None)
+            same = next((r for r in results if r["seed"] == seed and same_options(ROWS[r["row"]][0], options)), None)
             if same is not None:  # identical options and seed: the same run, not trained twice
                 results.append(dict(same, row=row, paper=paper, same_run_as=same["row"]))
                 print(f"{row:<16} seed {seed}: same run as {same['row']}", flush=True)
                 continue
-            if options is None:
-                model, tok = load_model_and_tokenizer(str(base), dtype="float32", device="cpu", rope_factor=FACTOR)
-                train_loss = None
-            else:
-                out = work / f"{row}-seed{seed}"
+            out = work / f"{row}-seed{seed}"
+            train_loss = None
+            if options is not None:
                 done = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
                 if args.reuse_runs and done.get("steps") == args.steps:
                     train_loss = done["last_loss"]  # trained by an earlier run: evaluate only
                 else:
                     shutil.rmtree(out, ignore_errors=True)
-                    lr = args.full_ft_learning_rate if options.get("finetune") == "full" else args.learning_rate
-                    trained = cmd_train(
-                        [], model=str(base), data=str(train_dir), output_dir=str(out), context_length=target,
-                        max_steps=args.steps, learning_rate=lr, warmup_steps=min(10, args.steps // 4),
-                        per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=10**6,
-                        logging_steps=max(1, args.steps // 10), seed=seed, gradient_checkpointing=False, **options,
-                    )
-                    train_loss = trained.summary["last_loss"]
-                if options.get("finetune") == "full":
-                    model, tok = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
-                else:
-                    model, tok = load_model_and_tokenizer(str(base), str(out), dtype="float32", device="cpu")
-            ppl = {r["length"]: r["perplexity"]
-                   for r in _perplexities(model, tok, heldout_dir, lengths, args.windows, row)}
-            # Table 6's other column: evaluated with the attention it was trained with (S2 / short stay on in eval)
-            ppl_trained_attention = ppl[target]
-            if options is not None and options.get("attention") in ("s2", "short"):
-                enable_s2_attention(model, group_size_ratio=options.get("group_size_ratio", 0.25),
-                                    shift=options["attention"] == "s2", in_eval=True)
-                ppl_trained_attention = _perplexities(model, tok, heldout_dir, [target], args.windows,
-                                                      f"{row} with its training attention")[0]["perplexity"]
+                    train_loss = train_row(
+                        options, base=base, output_dir=out, data=str(train_dir), target=target, steps=args.steps,
+                        seed=seed, learning_rate=args.learning_rate, full_ft_learning_rate=args.full_ft_learning_rate,
+                        per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    )["last_loss"]
+            model, tok = load_row_model(options, base, out, FACTOR)
+            ppl = row_perplexities(model, tok, heldout_dir, options, lengths, windows=args.windows, stride=BASE_LENGTH,
+                                   label=row)
             del model
-            results.append(dict(row=row, seed=seed, paper=paper, ppl_256=ppl[BASE_LENGTH], ppl_1024=ppl[target],
-                                ppl_1024_trained_attention=ppl_trained_attention, train_loss=train_loss,
+            results.append(dict(row=row, seed=seed, paper=paper, **ppl, train_loss=train_loss,
                                 seconds=time.time() - started))
-            print(f"{row:<16} seed {seed}: ppl@1024 {ppl[target]:.3f} (ppl@256 {ppl[BASE_LENGTH]:.3f}, @1024 with "
-                  f"its training attention {ppl_trained_attention:.3f}) in {time.time() - started:.0f}s", flush=True)
+            print(f"{row:<16} seed {seed}: ppl@1024 {ppl['ppl_1024']:.3f} (ppl@256 {ppl['ppl_256']:.3f}, @1024 with "
+                  f"its training attention {ppl['ppl_1024_trained_attention']:.3f}) in {time.time() - started:.0f}s",
+                  flush=True)
 
-    summary = _table(results)
+    summary = summarize(results, lengths)
     meta = dict(steps=args.steps, learning_rate=args.learning_rate, full_ft_learning_rate=args.full_ft_learning_rate,
                 windows=args.windows, seeds=seeds, variance_rows=sorted(variance_rows), base=str(base),
                 threads=torch.get_num_threads(), torch=torch.__version__, minutes=(time.time() - t0) / 60,
                 reused_runs=args.reuse_runs)
     out = Path(args.output)
     write_json(out, dict(meta=meta, results=results, summary=summary))
-    _plot(summary, out.with_suffix(".png"))
+    plot_rows(summary, lengths, out.with_suffix(".png"), title="LongLoRA ablations in miniature (lower is better)",
+              xlabel="held-out perplexity (full-attention evaluation), embedded model extended 256 -> 1024")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
-
-
-def _same(a: dict | None, b: dict | None) -> bool:
-    """Whether two rows' train options are the same run (group_size_ratio defaults to 0.25)."""
-    if a is None or b is None:
-        return a is b
-    return {"group_size_ratio": 0.25, **a} == {"group_size_ratio": 0.25, **b}
-
-
-def _table(results):
-    by_row: dict[str, list[dict]] = {}
-    for r in results:
-        by_row.setdefault(r["row"], []).append(r)
-    print(f"\n{'row':<16} {'ppl@1024':>9} {'+-':>6} {'ppl@256':>8} {'own attn':>9}  paper")
-    summary = []
-    for row, rs in by_row.items():
-        vals = [r["ppl_1024"] for r in rs]
-        mean = statistics.fmean(vals)
-        spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        short = statistics.fmean(r["ppl_256"] for r in rs)
-        own = statistics.fmean(r["ppl_1024_trained_attention"] for r in rs)
-        summary.append(dict(row=row, ppl_1024=mean, stdev=spread, ppl_256=short, ppl_1024_trained_attention=own,
-                            seeds=len(rs), paper=rs[0]["paper"]))
-        print(f"{row:<16} {mean:>9.3f} {spread:>6.3f} {short:>8.3f} {own:>9.3f}  {rs[0]['paper']}")
-    return summary
-
-
-def _plot(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from longlora.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(summary) + 1.8))
-    ys = range(len(summary))[::-1]  # first row on top
-    ax.errorbar([s["ppl_1024"] for s in summary], ys, xerr=[s["stdev"] for s in summary], fmt="o",
-                color="tab:blue", capsize=3, label="ppl@1024 (mean; bar: stdev over seeds)")
-    ax.plot([s["ppl_256"] for s in summary], ys, "x", color="tab:gray", label="ppl@256")
-    own = [(s.get("ppl_1024_trained_attention"), y) for s, y in zip(summary, ys)
-           if s.get("ppl_1024_trained_attention") not in (None, s["ppl_1024"])]
-    if own:
-        ax.plot(*zip(*own), "s", mfc="none", color="tab:orange", label="ppl@1024 with its training attention (S2/short)")
-    for y, s in zip(ys, summary):
-        ax.annotate(f"{s['ppl_1024']:.2f}", (s["ppl_1024"], y), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=8)
-    ax.set_yticks(list(ys), [s["row"] for s in summary])
-    ax.set_xlabel("held-out perplexity (full-attention evaluation), embedded model extended 256 -> 1024")
-    ax.set_title("LongLoRA ablations in miniature (lower is better)")
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
