@@ -59,7 +59,10 @@ def check_paths(config: TrainConfig) -> None:
 
     (A missing or empty corpus is reported by the data step, which also runs before the model loads.)
     """
-    _model_source(config)
+    model, _ = _model_source(config)
+    damaged = damaged_safetensors([model]) if Path(model).is_dir() else None
+    if damaged:
+        raise ValueError(f"model weights {damaged}: re-create or re-download the model")
     out = Path(config.output_dir)
     if out.exists() and any(out.iterdir()) and not config.resume and not config.overwrite_output_dir:
         raise ValueError(
@@ -342,6 +345,17 @@ def checkpoint_problems(checkpoint: str | Path) -> list[str]:
         except (zipfile.BadZipFile, OSError):
             problems.append(f"{f.name} is truncated or damaged ({f.stat().st_size} bytes)")
     return problems
+
+
+def damaged_safetensors(paths) -> str | None:
+    """The first problem of the .safetensors files among `paths` (files, or directories holding them), else None."""
+    for path in map(Path, paths):
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] * (path.suffix == ".safetensors")
+        for f in files:
+            problem = _safetensors_problem(f)
+            if problem:
+                return f"{f.parent}/{problem}"
+    return None
 
 
 def _safetensors_problem(path: Path) -> str | None:
