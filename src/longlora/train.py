@@ -556,7 +556,7 @@ def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResul
     done = _summary_of(out)
     if done.get("steps") == step and all(
             (out / f.name).exists() and (f.is_dir() or (out / f.name).stat().st_size == f.stat().st_size)
-            for f in _final_files(checkpoint)):
+            for f in _final_files(checkpoint) if f.name != RUN_CONFIG):
         print(f"already complete: {out} holds the final output of step {step} (max_steps {config.max_steps}); "
               "nothing to do. Raise --max-steps to train further.", flush=True)
         return TrainResult(output_dir=out, summary=done)
@@ -566,9 +566,10 @@ def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResul
         (out / SUMMARY).unlink(missing_ok=True)
         staging = out / ".final.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(parents=True)
         for f in _final_files(checkpoint):
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+        save_config(config, staging / RUN_CONFIG)  # this run's options, as a trained run's final output has
         _move_into(staging, out)
         if not summary:  # a checkpoint from an older version: the trainer state still has the losses
             from transformers import TrainerState
