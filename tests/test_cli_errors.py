@@ -257,6 +257,8 @@ def test_debug_flag_or_variable_lets_the_exception_through(ws, monkeypatch, caps
     monkeypatch.delenv("LONGLORA_DEBUG", raising=False)
     with pytest.raises(ValueError, match="not valid YAML"):
         cli_main(["--debug", *argv])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        cli_main([*argv, "--debug"])
     monkeypatch.setenv("LONGLORA_DEBUG", "1")
     with pytest.raises(ValueError, match="not valid YAML"):
         cli_main(argv)

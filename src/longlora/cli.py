@@ -214,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     # train / sft take free-form --key value options (any config field): parsed by longlora.config, not argparse
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command_at is not None and argv[command_at] in ("train", "sft"):
-        ns = argparse.Namespace(command=argv[command_at], args=argv[command_at + 1:],
-                                verbose="--verbose" in argv[:command_at], debug="--debug" in argv[:command_at])
+        args = argv[command_at + 1:]
+        # a bare --debug among the options is ours (--debug VALUE is TrainingArguments.debug)
+        bare = [i for i, a in enumerate(args)
+                if a == "--debug" and (i + 1 == len(args) or args[i + 1].startswith("--"))]
+        ns = argparse.Namespace(command=argv[command_at], args=[a for i, a in enumerate(args) if i not in bare],
+                                verbose="--verbose" in argv[:command_at],
+                                debug="--debug" in argv[:command_at] or bool(bare))
     else:
         ns = _parser().parse_args(argv)
     debug = ns.debug or os.environ.get("LONGLORA_DEBUG", "") not in ("", "0")
