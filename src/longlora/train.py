@@ -502,7 +502,7 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     return TrainResult(output_dir=Path(config.output_dir), summary=summary)
 
 
-def _summary(config: TrainConfig, original, factor, trainable, state, seconds: float) -> dict[str, Any]:
+def _summary(config: TrainConfig, original, factor, trainable, state, seconds: float | None) -> dict[str, Any]:
     """The run up to `state`: built from the Trainer's log history, which a resumed run carries over from its
     checkpoint, so that it describes every step and not only those of the last resume."""
     losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
