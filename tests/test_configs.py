@@ -33,3 +33,13 @@ def test_distributed_configs_parse():
     fsdp = yaml.safe_load((CONFIGS / "fsdp" / "full_shard.yaml").read_text())
     config = load_config(TrainConfig, [], model="m", data="d", **fsdp)
     assert config.training_args["fsdp"] == "full_shard auto_wrap"
+
+
+def test_a_yaml_syntax_error_names_the_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("context_length: [1024, 2048\nmodel: m\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML at line 2, column 6: expected ',' or ']'"):
+        load_config(TrainConfig, [str(bad)])
+    bad.write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(ValueError, match="not a text"):
+        load_config(TrainConfig, [str(bad)])

@@ -277,6 +277,37 @@ def test_load_documents_errors(tmp_path):
         load_documents(tmp_path / "empty.txt")
 
 
+def test_text_that_is_not_utf8_is_counted_and_warned_about(tmp_path, caplog):
+    """Latin-1 text trains (each bad byte becomes U+FFFD), but not without a word: the warning names file and count."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    latin1 = "Café au lait, crème brûlée, naïve façade. " * 10
+    (corpus / "latin1.txt").write_bytes(latin1.encode("latin-1"))
+    (corpus / "utf8.txt").write_text(latin1, encoding="utf-8")
+    # the independent count: bytes of the Latin-1 text that are not ASCII (none of them starts valid UTF-8 here)
+    expected = sum(b >= 0x80 for b in latin1.encode("latin-1"))
+    with caplog.at_level("WARNING", logger="longlora.data"):
+        docs = load_documents(corpus, cache_dir=tmp_path / "cache")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert str(corpus / "latin1.txt") in warnings[0] and f"{expected} byte(s) are not valid UTF-8" in warnings[0]
+    replaced, intact = docs["text"]  # files in path order
+    assert replaced.count("\ufffd") == expected and intact == latin1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="longlora.data"):
+        load_documents(corpus / "utf8.txt", cache_dir=tmp_path / "cache")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_broken_json_records_name_the_line(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3 is not valid JSON"):
+        load_documents(tmp_path / "broken.jsonl", cache_dir=tmp_path / "cache")
+    (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},\n {"instruction": }]')
+    with pytest.raises(ValueError, match=r"broken\.json: line 2 is not valid JSON"):
+        load_sft_records(tmp_path / "broken.json", cache_dir=tmp_path / "cache")
+
+
 def test_load_documents_hub_name_and_saved_dataset(tmp_path, monkeypatch):
     calls = []
 

@@ -9,20 +9,34 @@
     longlora chat --model M --material FILE
     longlora convert --model file.gguf --output DIR
     longlora quickstart [--output DIR] [--fast]
+
+A mistake in the input (a missing file, a bad option, data that cannot be used) ends the command with one line on
+stderr that names the problem and exit status 2; `longlora --debug ...` or LONGLORA_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage text is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _floats(text: str) -> list[float]:
@@ -46,9 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, several: bool = False) -> Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longlora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="longlora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or LONGLORA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, what in (("train", "context extension: S2-Attn + LoRA+ + position interpolation"),
@@ -200,10 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     # train / sft take free-form --key value options (any config field): parsed by longlora.config, not argparse
     command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command_at is not None and argv[command_at] in ("train", "sft"):
-        ns = argparse.Namespace(command=argv[command_at], args=argv[command_at + 1:],
-                                verbose="--verbose" in argv[:command_at])
+        args = argv[command_at + 1:]
+        # a bare --debug among the options is ours (--debug VALUE is TrainingArguments.debug)
+        bare = [i for i, a in enumerate(args)
+                if a == "--debug" and (i + 1 == len(args) or args[i + 1].startswith("--"))]
+        ns = argparse.Namespace(command=argv[command_at], args=[a for i, a in enumerate(args) if i not in bare],
+                                verbose="--verbose" in argv[:command_at],
+                                debug="--debug" in argv[:command_at] or bool(bare))
     else:
         ns = _parser().parse_args(argv)
+    debug = ns.debug or os.environ.get("LONGLORA_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if ns.command in ("train", "sft"):
@@ -225,13 +245,35 @@ def main(argv: list[str] | None = None) -> int:
             from .quickstart import cmd_quickstart
 
             cmd_quickstart(ns.output, fast=ns.fast, cache_dir=ns.cache_dir, seed=ns.seed)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"longlora {ns.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"longlora {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug or not _is_user_error(err):
+            raise
+        command = " ".join(filter(None, [ns.command, getattr(ns, "eval_command", None)]))
+        message = _one_line(err)
+        if type(err).__name__ == "SafetensorError":  # its message does not say which file
+            from .train import damaged_safetensors
+
+            damaged = damaged_safetensors(a for a in argv if not a.startswith("-") and os.path.exists(a))
+            message = f"{damaged}: re-create or re-download it ({message})" if damaged else message
+        print(f"longlora {command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors that input causes: bad values (ValueError), files missing, existing or unreadable (OSError, which
+    transformers also raises for a model it cannot find), YAML syntax, damaged safetensors, a missing extra."""
+    import yaml
+
+    user_errors = (ValueError, OSError, ImportError, yaml.YAMLError)
+    return isinstance(err, user_errors) or type(err).__name__ == "SafetensorError"
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

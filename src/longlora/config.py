@@ -254,7 +254,16 @@ def load_config(cls, args: list[str] | None = None, **overrides):
         path = Path(config_path)
         if not path.is_file():
             raise ValueError(f"config file {config_path!r} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{config_path} is not valid YAML{where}: {problem}; fix the file (option: value "
+                             "per line)") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{config_path} is not a text (UTF-8) file; pass a YAML config") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: expected a mapping of option: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})

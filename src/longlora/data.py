@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,30 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(8192)
 
 
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable_bytes(path: Path) -> int:
+    """How many bytes of a text file are not valid UTF-8 (reading it replaces each with U+FFFD)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError:
+        # surrogateescape maps each undecodable byte to one code point in U+DC80..U+DCFF
+        return len(_ESCAPED.findall(data.decode("utf-8", errors="surrogateescape")))
+
+
+def _warn_undecodable(files: list[Path]) -> None:
+    bad = [(f, n) for f in files if (n := _undecodable_bytes(f))]
+    for f, n in bad[:5]:
+        logger.warning("%s: %d byte(s) are not valid UTF-8 and were replaced with U+FFFD; if the file is in another "
+                       "encoding, convert it first (iconv -f latin1 -t utf-8 ...)", f, n)
+    if len(bad) > 5:
+        logger.warning("... and %d more file(s) with bytes that are not valid UTF-8 (%d bytes in all)",
+                       len(bad) - 5, sum(n for _, n in bad[5:]))
+
+
 def _read_text_files(files: list[str]) -> Iterator[dict]:
     """Generator for `from_generator`: one row per file. Module level so that datasets can pickle and hash it."""
     for file in files:
@@ -149,6 +174,7 @@ def _load_text_files(files: list[Path], streaming: bool, cache_dir, *, source: P
         raise ValueError(f"empty corpus: {source} holds no text files (all {len(files)} look binary)")
     if all(f.stat().st_size == 0 for f in text_files):
         raise ValueError(f"empty corpus: every text file under {source} is empty")
+    _warn_undecodable(text_files)
     names = [str(f) for f in text_files]
     features = Features({"text": Value("string")})
     if streaming:
@@ -183,16 +209,52 @@ def _peek_fields(path: Path, kind: str) -> list[str] | None:
 
 
 def _load_structured(files: list[Path], kind: str, field: str, streaming: bool, cache_dir) -> Any:
-    from datasets import load_dataset
-
     if all(f.stat().st_size == 0 for f in files):
         raise ValueError(f"empty corpus: {', '.join(map(str, files[:3]))} {'is' if len(files) == 1 else 'are'} empty")
     fields = _peek_fields(files[0], kind)
     if fields is not None and field not in fields:
         raise ValueError(_missing_field_message(field, fields, files[0]))
-    return load_dataset(
-        kind, data_files=[str(f) for f in files], split="train", streaming=streaming, cache_dir=_str_or_none(cache_dir)
-    )
+    return _load_records(kind, files, streaming=streaming, cache_dir=cache_dir)
+
+
+def _load_records(kind: str, files: list[Path], *, streaming: bool = False, cache_dir=None) -> Any:
+    """datasets' json / parquet / csv loader; a file it cannot parse is a ValueError naming the file (and, for JSON,
+    the line), without the traceback and error log that datasets gives."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)  # it logs the parse error at ERROR before raising it
+    try:
+        return load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                            cache_dir=_str_or_none(cache_dir))
+    except DatasetGenerationError as err:
+        if kind == "json":
+            for f in files:
+                _check_json_file(f)
+        cause = err.__cause__ or err
+        raise ValueError(f"{', '.join(map(str, files[:3]))}: cannot read the {kind} records ({cause}); fix the "
+                         "file") from err
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _check_json_file(path: Path) -> None:
+    """Raise a ValueError naming the first line of a .json / .jsonl file that is not valid JSON (or UTF-8)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix.lower() == ".jsonl":
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        json.loads(line)
+            else:
+                json.load(f)
+    except json.JSONDecodeError as e:
+        where = number if path.suffix.lower() == ".jsonl" else e.lineno
+        raise ValueError(f"{path}: line {where} is not valid JSON ({e.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; JSON records must be UTF-8") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -586,11 +648,7 @@ def load_sft_records(
             raise ValueError(f"{source}: SFT records must be .json, .jsonl or .parquet files")
         if all(f.stat().st_size == 0 for f in files):
             raise ValueError(f"{source}: no SFT records (empty file)")
-        from datasets import load_dataset
-
-        records = load_dataset(
-            kinds.pop(), data_files=[str(f) for f in files], split="train", cache_dir=_str_or_none(cache_dir)
-        )
+        records = _load_records(kinds.pop(), files, cache_dir=cache_dir)
     elif _looks_like_path(source):
         raise ValueError(f"no such file or directory: {source}")
     else:

@@ -7,10 +7,13 @@ The data path reads top to bottom: options -> checks (before any heavy work) -> 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import signal
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +27,11 @@ RUN_CONFIG = "longlora_config.yaml"
 SUMMARY = "train_summary.json"
 COMPLETE = ".longlora_complete"
 """Marker written last into a checkpoint; resume ignores checkpoints without it."""
+KILL_ENV = "LONGLORA_TEST_KILL"
+"""Test hook (see `_kill_point`): the moment at which a test wants this process SIGKILLed."""
+# Files of a checkpoint that only resuming needs; the rest of it (weights, tokenizer, configs) is the final output.
+_RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng_state", "trainer_state.json", "global_step", "latest",
+                "zero_to_fp32.py", "pytorch_model_fsdp", COMPLETE)
 
 
 @dataclass
@@ -51,7 +59,10 @@ def check_paths(config: TrainConfig) -> None:
 
     (A missing or empty corpus is reported by the data step, which also runs before the model loads.)
     """
-    _model_source(config)
+    model, _ = _model_source(config)
+    damaged = damaged_safetensors([model]) if Path(model).is_dir() else None
+    if damaged:
+        raise ValueError(f"model weights {damaged}: re-create or re-download the model")
     out = Path(config.output_dir)
     if out.exists() and any(out.iterdir()) and not config.resume and not config.overwrite_output_dir:
         raise ValueError(
@@ -182,6 +193,18 @@ def build_pretraining_data(config: TrainConfig, tokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _kill_point(moment: str) -> None:
+    """Crash-test hook, inert unless LONGLORA_TEST_KILL names `moment`: then this process SIGKILLs itself there.
+
+    Moments: mid-step-N (step N's backward done, its optimizer step not), checkpoint-N-staging (checkpoint N's
+    staging directory exists, nothing in it), checkpoint-N-optimizer (weights and optimizer.pt written, trainer
+    state and completion marker not), final-save (the final output half moved into output_dir). tests/test_resume.py
+    kills runs at each of them and checks that `--resume auto` finishes them exactly.
+    """
+    if os.environ.get(KILL_ENV) == moment:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_run_files(directory: str | Path, model, tokenizer, config: TrainConfig) -> None:
     """What makes a checkpoint (or the final output) self-contained: tokenizer, interpolated config, options."""
     from .modeling import model_config
@@ -194,39 +217,71 @@ def _write_run_files(directory: str | Path, model, tokenizer, config: TrainConfi
 
 
 def _make_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class LogAtCheckpoints(TrainerCallback):
+        """Log the loss at every checkpoint and at the last step (besides every logging_steps): the loss of the
+        steps before a checkpoint is then in its trainer_state.json, so a resumed run's log history (and the
+        summary made from it) is the uninterrupted run's."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
 
     class LongLoRATrainer(Trainer):
         """Trainer whose checkpoints are written into a staging directory and renamed when complete."""
 
-        def __init__(self, *args, run_config: TrainConfig, run_tokenizer, **kwargs):
+        def __init__(self, *args, run_config: TrainConfig, run_tokenizer, run_summary: Callable, **kwargs):
             super().__init__(*args, **kwargs)
+            self.add_callback(LogAtCheckpoints)
             self._run_config = run_config
             self._run_tokenizer = run_tokenizer
+            self._run_summary = run_summary  # TrainerState -> the summary of the run up to that state
             self._staging: str | None = None
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            _kill_point(f"mid-step-{self.state.global_step + 1}")
+            return loss
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
 
+        def _save_optimizer_and_scheduler(self, output_dir):
+            super()._save_optimizer_and_scheduler(output_dir)
+            _kill_point(f"checkpoint-{self.state.global_step}-optimizer")
+
         def _save_checkpoint(self, model, trial):
             run_dir = super()._get_output_dir(trial)
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self._staging = os.path.join(run_dir, ".staging")
+            staging = os.path.join(run_dir, ".staging")
+            staged = os.path.join(staging, name)
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)  # files of an attempt killed earlier
+                os.makedirs(staged)
+                _kill_point(f"{name}-staging")
+            self.accelerator.wait_for_everyone()
+            self._staging = staging
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging = None
-            staged = os.path.join(run_dir, ".staging", name)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 _write_run_files(staged, self.model, self._run_tokenizer, self._run_config)
+                from .io import write_json
+
+                write_json(Path(staged, SUMMARY), self._run_summary(self.state))
                 Path(staged, COMPLETE).write_text(f"{time.time()}\n")
                 final = os.path.join(run_dir, name)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
+                if os.path.exists(final):  # an older checkpoint of the same step (a resume that went back)
+                    old = os.path.join(staging, f"{name}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
                 os.replace(staged, final)  # the checkpoint appears whole or not at all
-                shutil.rmtree(os.path.join(run_dir, ".staging"), ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
                 from transformers.trainer_utils import rotate_checkpoints
 
                 rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
@@ -238,24 +293,124 @@ def _make_trainer_class():
 
 def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
     """The newest checkpoint-N directory holding the completion marker (interrupted ones are skipped)."""
+    found = _complete_checkpoints(output_dir)
+    return str(found[0]) if found else None
+
+
+def _complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N directories holding the completion marker, newest first."""
     out = Path(output_dir)
     if not out.is_dir():
-        return None
+        return []
     done = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE).exists()
             and p.name.split("-")[-1].isdigit()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def checkpoint_problems(checkpoint: str | Path) -> list[str]:
+    """Why a checkpoint cannot be resumed from; empty when its files load.
+
+    Cheap checks that catch truncated and missing files without reading the tensors: the trainer state parses, every
+    safetensors file is exactly as long as its header says, every torch.save file (optimizer, scheduler, RNG state)
+    is a readable zip archive (its index is written last), and the weights and the optimizer state are there.
+    """
+    directory = Path(checkpoint)
+    if not directory.is_dir():
+        return [f"{directory} is not a directory"]
+    problems = []
+    try:
+        int(json.loads((directory / "trainer_state.json").read_text())["global_step"])
+    except FileNotFoundError:
+        problems.append("trainer_state.json is missing")
+    except (ValueError, KeyError, TypeError):
+        problems.append("trainer_state.json is damaged")
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if not safetensors and not any(directory.glob("*model*.bin")) and not any(directory.glob("global_step*")):
+        problems.append("it holds no model weights (adapter_model.safetensors / model.safetensors)")
+    problems += [p for p in map(_safetensors_problem, safetensors) if p]
+    for index in directory.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{index.name} is damaged")
+            continue
+        problems += [f"{shard} (listed in {index.name}) is missing" for shard in sorted(shards)
+                     if not (directory / shard).is_file()]
+    if not any(directory.glob("optimizer*")) and not any(directory.glob("global_step*")):
+        problems.append("optimizer.pt is missing")
+    for f in sorted([*directory.glob("*.pt"), *directory.glob("*.pth"), *directory.glob("*.bin")]):
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (zipfile.BadZipFile, OSError):
+            problems.append(f"{f.name} is truncated or damaged ({f.stat().st_size} bytes)")
+    return problems
+
+
+def damaged_safetensors(paths) -> str | None:
+    """The first problem of the .safetensors files among `paths` (files, or directories holding them), else None."""
+    for path in map(Path, paths):
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] * (path.suffix == ".safetensors")
+        for f in files:
+            problem = _safetensors_problem(f)
+            if problem:
+                return f"{f.parent}/{problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path.name} has a damaged header"
+    expected = 8 + header_len + end
+    if size < expected:
+        return f"{path.name} is truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"{path.name} is damaged ({size} bytes, its header describes {expected})"
+    return None
+
+
+def _checkpoint_step(checkpoint: str | Path) -> int:
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
 def _resume_from(config: TrainConfig) -> str | None:
+    """The checkpoint to resume from: checked to load; with `auto`, the newest complete one that loads."""
     if not config.resume:
         return None
     if config.resume == "auto":
-        found = latest_complete_checkpoint(config.output_dir)
-        if found is None:
+        found = _complete_checkpoints(config.output_dir)
+        if not found:
             print(f"resume auto: no complete checkpoint in {config.output_dir}; starting from scratch", flush=True)
-        return found
+            return None
+        damaged = []
+        for checkpoint in found:
+            problems = checkpoint_problems(checkpoint)
+            if not problems:
+                if damaged:
+                    print(f"resume auto: {'; '.join(damaged)}; falling back to {checkpoint.name}", flush=True)
+                return str(checkpoint)
+            damaged.append(f"{checkpoint.name} does not load ({', '.join(problems)})")
+        more = f" (and {len(found) - 1} older one(s) do not either)" if len(found) > 1 else ""
+        raise ValueError(
+            f"resume auto: no checkpoint in {config.output_dir} loads: {damaged[0]}{more}. Remove the damaged "
+            "checkpoint directories to start the run again, or choose another --output-dir"
+        )
+    if not Path(config.resume).is_dir():
+        raise ValueError(f"resume: {config.resume} is not a directory; pass a checkpoint-N directory or --resume auto")
     if not (Path(config.resume) / COMPLETE).exists() and not Path(config.resume, "trainer_state.json").exists():
         raise ValueError(f"resume: {config.resume!r} is not a complete checkpoint directory")
+    problems = checkpoint_problems(config.resume)
+    if problems:
+        raise ValueError(f"resume: {config.resume} does not load ({', '.join(problems)}); pass an older checkpoint "
+                         "or --resume auto")
     return config.resume
 
 
@@ -300,13 +455,20 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     from transformers import set_seed
 
     from .adapters import trainable_parameter_counts
-    from .io import write_json
 
     build_data = build_data or build_pretraining_data
     check_paths(config)
+    resume = _resume_from(config)
+    if resume is not None:
+        step = _checkpoint_step(resume)
+        if step > config.max_steps:
+            raise ValueError(f"resume: {resume} is at step {step}, beyond max_steps {config.max_steps}; raise "
+                             "--max-steps or choose another --output-dir")
+        if step == config.max_steps:
+            # the Trainer would take one more step from here: the finished checkpoint is the final output instead
+            return _finish_from_checkpoint(config, Path(resume))
     model_config, original = _load_base_config(config)
     tokenizer = load_tokenizer(config)
-    resume = _resume_from(config)
     args = training_arguments(config)
     # empty / too-short corpora fail here, before the model loads; rank 0 tokenises, the others read its cache
     with args.main_process_first(desc="building the training data"):
@@ -320,46 +482,129 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     model = load_training_model(config, model_config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
+    trainable = trainable_parameter_counts(model)
+    # seconds: the training time behind the result, summed over the runs a resumed run is made of
+    seconds_before = (_summary_of(resume).get("seconds") or 0.0) if resume else 0.0
+    started = time.time()
+
+    def run_summary(state) -> dict[str, Any]:
+        return _summary(config, original, factor, trainable, state, seconds_before + time.time() - started)
+
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          callbacks=callbacks, run_config=config, run_tokenizer=tokenizer)
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.time() - started
-
+                          callbacks=callbacks, run_config=config, run_tokenizer=tokenizer, run_summary=run_summary)
+    trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, config)
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    summary = dict(
+    summary = run_summary(trainer.state)
+    if trainer.args.should_save:  # the main process writes; the others only train
+        _write_summary(config, summary)
+    _print_done(config, summary)
+    return TrainResult(output_dir=Path(config.output_dir), summary=summary)
+
+
+def _summary(config: TrainConfig, original, factor, trainable, state, seconds: float | None) -> dict[str, Any]:
+    """The run up to `state`: built from the Trainer's log history, which a resumed run carries over from its
+    checkpoint, so that it describes every step and not only those of the last resume."""
+    losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
+    # each logged loss is the mean over the steps since the previous log (the Trainer's own train_loss likewise)
+    total, previous = 0.0, 0
+    for step, loss in losses:
+        total += loss * (step - previous)
+        previous = step
+    return dict(
         model=config.model, context_length=config.context_length, original_context=original, rope_factor=factor,
         attention=config.attention, group_size=config.group_size(), finetune=config.finetune,
-        steps=trainer.state.global_step, train_loss=result.training_loss, seconds=elapsed,
+        steps=state.global_step, train_loss=total / previous if previous else None, seconds=seconds,
         first_loss=losses[0][1] if losses else None, last_loss=losses[-1][1] if losses else None,
-        losses=losses, trainable=trainable_parameter_counts(model),
+        losses=losses, trainable=trainable,
     )
-    if trainer.args.should_save:  # the main process writes; the others only train
-        write_json(Path(config.output_dir) / SUMMARY, summary)
-        if losses:
-            _plot_losses(losses, Path(config.output_dir) / "loss.png", title=f"{config.attention} / {config.finetune}")
-    print(f"done: {trainer.state.global_step} steps in {elapsed:.0f}s, loss {summary['first_loss']} -> "
+
+
+def _summary_of(directory: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(directory) / SUMMARY).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_summary(config: TrainConfig, summary: dict[str, Any]) -> None:
+    """train_summary.json (+ loss.png), written last: its presence marks a complete final output."""
+    from .io import write_json
+
+    out = Path(config.output_dir)
+    if summary["losses"]:
+        _plot_losses(summary["losses"], out / "loss.png", title=f"{config.attention} / {config.finetune}")
+    write_json(out / SUMMARY, summary)
+
+
+def _print_done(config: TrainConfig, summary: dict[str, Any]) -> None:
+    print(f"done: {summary['steps']} steps in {summary['seconds'] or 0:.0f}s, loss {summary['first_loss']} -> "
           f"{summary['last_loss']}; adapter in {config.output_dir}", flush=True)
-    return TrainResult(output_dir=Path(config.output_dir), summary=summary)
+
+
+def _final_files(checkpoint: Path) -> list[Path]:
+    """What of a checkpoint makes the final output: all but the resume-only state (and the summary, written last)."""
+    return sorted(p for p in checkpoint.iterdir() if p.name != SUMMARY and not p.name.startswith(_RESUME_ONLY))
+
+
+def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResult:
+    """A resume from a checkpoint at max_steps: nothing to train. The final output is that checkpoint's weights,
+    tokenizer and configs (the same bytes the uninterrupted run saved); already there, nothing is written."""
+    out = Path(config.output_dir)
+    step = _checkpoint_step(checkpoint)
+    summary = _summary_of(checkpoint)
+    done = _summary_of(out)
+    if done.get("steps") == step and all(
+            (out / f.name).exists() and (f.is_dir() or (out / f.name).stat().st_size == f.stat().st_size)
+            for f in _final_files(checkpoint) if f.name != RUN_CONFIG):
+        print(f"already complete: {out} holds the final output of step {step} (max_steps {config.max_steps}); "
+              "nothing to do. Raise --max-steps to train further.", flush=True)
+        return TrainResult(output_dir=out, summary=done)
+    print(f"resume: {checkpoint.name} is the last step ({step} = max_steps); saving it as the final output "
+          "without training", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process writes
+        (out / SUMMARY).unlink(missing_ok=True)
+        staging = out / ".final.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for f in _final_files(checkpoint):
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+        save_config(config, staging / RUN_CONFIG)  # this run's options, as a trained run's final output has
+        _move_into(staging, out)
+        if not summary:  # a checkpoint from an older version: the trainer state still has the losses
+            from transformers import TrainerState
+
+            state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            summary = _summary(config, None, None, None, state, None)
+        _write_summary(config, summary)
+    _print_done(config, summary)
+    return TrainResult(output_dir=out, summary=summary)
 
 
 def save_final(trainer, tokenizer, config: TrainConfig) -> None:
     """The final adapter (or full model) + tokenizer + config, staged then moved into output_dir file by file."""
     out = Path(config.output_dir)
     staging = out / ".final.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    if trainer.args.should_save:
+        (out / SUMMARY).unlink(missing_ok=True)  # a summary marks a complete final output: written again after
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         _write_run_files(staging, trainer.model, tokenizer, config)
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        staging.rmdir()
+        _move_into(staging, out)
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    for i, item in enumerate(sorted(staging.iterdir())):
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+        if i == 0:
+            _kill_point("final-save")
+    staging.rmdir()
 
 
 def _plot_losses(losses, path: Path, title: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from longlora.evaluate.passkey import build_passkey_prompt, make_generate_fn, run_passkey, score_answer
 from longlora.evaluate.perplexity import (
     TokenStream,
+    check_not_empty,
     evaluate_perplexity,
     load_token_stream,
     perplexity,
@@ -90,6 +91,7 @@ def cmd_eval_perplexity(
         raise ValueError("pass the evaluation data (a .bin token file, a text/JSONL file or a directory)")
     if not os.path.exists(data):
         raise FileNotFoundError(f"evaluation data {str(data)!r} does not exist")
+    check_not_empty(data)  # before any model loads
     specs = [parse_model_spec(spec) for spec in models]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels):

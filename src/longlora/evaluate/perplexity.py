@@ -96,6 +96,23 @@ def _texts_in_file(path: Path) -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
+def check_not_empty(data: str | os.PathLike) -> None:
+    """Fail before any model loads when the evaluation data holds nothing (an empty or blank file, a directory of
+    them); load_token_stream says the same for anything this cheap look misses."""
+    path = Path(data)
+    files = [path] if path.is_file() else [
+        f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+    ]
+
+    def blank(f: Path) -> bool:
+        size = f.stat().st_size
+        return size == 0 or (size < 1 << 20 and f.suffix != ".bin" and not f.read_bytes().strip())
+
+    if all(blank(f) for f in files):
+        what = "is empty" if path.is_file() else ("holds no files" if not files else "holds only empty files")
+        raise ValueError(f"evaluation data {str(path)!r} {what}: pass text (or a .bin token file) to evaluate on")
+
+
 def _is_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\x00" in f.read(8192)
@@ -133,13 +150,17 @@ def load_token_stream(
         )
     else:
         files = [path]
-    documents, skipped, total = [], 0, 0
+    documents, skipped, total, empty = [], 0, 0, 0
     bos = getattr(tokenizer, "bos_token_id", None)
     for file in files:
         if file.suffix == ".bin" or _is_binary(file):
             skipped += 1
             continue
         for text in _texts_in_file(file):
+            if not text.strip():
+                empty += 1
+                skipped += 1
+                continue
             ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if bos is not None:
                 ids = [bos] + list(ids)
@@ -152,6 +173,9 @@ def load_token_stream(
             total += len(ids)
             if max_tokens is not None and total >= max_tokens:
                 return TokenStream(documents, source=str(path), skipped=skipped, kind="text")
+    if not documents and empty == skipped:
+        what = "is empty" if path.is_file() else ("holds no files" if not files else "holds only empty files")
+        raise ValueError(f"evaluation data {str(path)!r} {what}: pass text (or a .bin token file) to evaluate on")
     if not documents:
         raise ValueError(
             f"no usable documents in {str(path)!r}"
