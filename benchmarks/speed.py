@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from _measure import DTYPES, full_attention, group_size_for, make_inputs, measure, time_and_peak
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from attention import make_inputs, measure, time_and_peak  # noqa: E402  (the op benchmark's tools)
 
 from longlora.attention import s2_attention, s2_dense_mask  # noqa: E402
 
@@ -31,8 +29,7 @@ VARIANTS = ("full", "s2", "short", "naive")
 
 def op_fn(variant: str, group: int, mask_cache: dict):
     if variant == "full":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                              enable_gqa=q.shape[1] != k.shape[1])
+        return full_attention
     if variant in ("s2", "short"):
         return lambda q, k, v: s2_attention(q, k, v, group, shift=variant == "s2")
 
@@ -41,8 +38,8 @@ def op_fn(variant: str, group: int, mask_cache: dict):
         if key not in mask_cache:  # built once, outside the timed region's repeats (a fair, optimistic baseline)
             mask_cache.clear()
             mask_cache[key] = s2_dense_mask(q.shape[2], q.shape[1], group).to(q.device)  # (1, H, L, L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[key],
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[key],
+                                                                enable_gqa=q.shape[1] != k.shape[1])
 
     return naive
 
@@ -92,7 +89,7 @@ def main(argv=None):
     p.add_argument("--output", default="docs/benchmarks/speed.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     lengths = [int(x) for x in args.lengths.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     parts = [x for x in args.parts.split(",") if x]
@@ -103,7 +100,7 @@ def main(argv=None):
               f"({args.dtype}, {device}, {torch.get_num_threads()} threads)")
         print(f"{'L':>7} {'variant':>7} {'seconds':>9} {'peak MB':>9} {'full/this':>10} {'mem/full':>9} {'limit':>6}")
         for length in lengths:
-            group = max(2, int(length * args.group_ratio) // 2 * 2)
+            group = group_size_for(length, args.group_ratio)
             found = {}
             mask_cache: dict = {}
             for variant in variants:
