@@ -20,9 +20,14 @@ that leaves it at "auto", e.g. a model's layers):
 - "sdpa": the composition above (any device, any layout);
 - "cpu": the regular CPU layout through `attention_cpu` (torch's CPU flash kernels, one output buffer, dq written over
   the saved output when nothing else holds it); other layouts take "sdpa";
+- "varlen": torch's own varlen flash kernels through `attention_varlen` (CUDA, fp16/bf16, Ampere or newer, no extra
+  package): one call per head half into one output, cached cu_seqlens, no roll/cat/K-V copies;
 - "flash": flash-attn's varlen kernel (the flash-attn package, CUDA, fp16/bf16);
-- "auto" (default): "cpu" where it applies, else "sdpa" on CPU; on CUDA with fp16/bf16 "flash" when flash-attn is
-  installed, else "sdpa".
+- "auto" (default), by device: on CPU, "cpu" where it applies, else "sdpa"; on CUDA in fp16/bf16 with no attention
+  dropout, "varlen" where torch has it (torch >= 2.10, Ampere or newer; with a sliding window shorter than G only
+  where its varlen takes a window), else "flash" when flash-attn is installed, else "sdpa"; fp32 on CUDA: "sdpa"
+  (the flash kernels take half precision only). varlen is preferred to flash-attn because it writes each half into
+  one output with no concatenation; the two run the same FlashAttention-2 algorithm.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "cpu", "flash")
+BACKENDS = ("auto", "sdpa", "cpu", "varlen", "flash")
 
 # Process-wide defaults, changed only through set_backend / use_backend.
 _DEFAULT_BACKEND = "auto"
@@ -283,8 +288,11 @@ def use_backend(backend: str = "auto", *, reuse_output_memory: bool | None = Non
 def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                     group_size: int, *, backend: str = "auto", dropout: float = 0.0,
                     sliding_window: int | None = None) -> str:
-    """The path s2_attention takes for these inputs: "sdpa", "cpu" or "flash" (the rule in the module docstring)."""
-    from .attention_cpu import cpu_flash_applies  # imported here: attention_cpu builds on this module
+    """The path s2_attention takes for these inputs: "sdpa", "cpu", "varlen" or "flash" (the rule in the module
+    docstring). Raises a ValueError when an explicitly asked-for "varlen" cannot run on them."""
+    # imported here: the backend modules build on this one
+    from .attention_cpu import cpu_flash_applies
+    from .attention_varlen import check_varlen, varlen_applies
 
     if backend == "auto":
         backend = _DEFAULT_BACKEND
@@ -292,10 +300,14 @@ def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if backend == "auto":
         if query.device.type == "cpu":
             return "cpu" if cpu_ok else "sdpa"
+        if varlen_applies(query, dropout, sliding_window, group_size):
+            return "varlen"
         half = query.dtype in (torch.float16, torch.bfloat16)
         return "flash" if query.is_cuda and half and flash_available() else "sdpa"
     if backend == "cpu":
         return "cpu" if cpu_ok else "sdpa"
+    if backend == "varlen":
+        check_varlen(query, dropout, sliding_window, group_size)
     return backend
 
 
@@ -402,7 +414,7 @@ def s2_attention(
     real tokens (left or right padding; padded outputs are 0); `position_ids` restarting at 0 mark packed documents.
     `sliding_window` additionally limits each query to the last `sliding_window` keys (Mistral/Qwen2 style).
     backend: "auto" (the process default of set_backend / use_backend, itself "auto" unless set: the fastest path for
-    the device), "sdpa", "cpu" or "flash"; see the module docstring.
+    the device), "sdpa", "cpu", "varlen" or "flash"; see the module docstring.
     `layout` may pass a precomputed `token_layout(...)` (shared by every layer of a forward pass).
     """
     _check_inputs(query, key, value, group_size, attention_mask, position_ids, backend)
@@ -420,6 +432,10 @@ def s2_attention(
         from .attention_cpu import s2_cpu_flash
 
         return s2_cpu_flash(query, key, value, group_size, n_plain, scale, REUSE_OUTPUT_MEMORY)
+    if backend == "varlen":
+        from .attention_varlen import s2_varlen
+
+        return s2_varlen(query, key, value, layout, group_size, n_plain, scale, sliding_window)
 
     # tokens-first views: the model's q/k/v are usually transposes of (B, L, H, D), so this costs no copy
     q_tok = query.transpose(1, 2).reshape(b * length, hq, -1)  # (B*L, Hq, D)

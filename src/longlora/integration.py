@@ -34,7 +34,7 @@ class S2Settings:
     shift: bool = True
     """Shift half of the heads by group_size/2; False gives the paper's no-shift ablation ("short" attention)."""
     backend: str = "auto"
-    """sdpa | flash (flash-attn varlen, CUDA) | auto."""
+    """auto | sdpa | cpu | varlen | flash: see longlora.attention (auto: the fastest correct path on the device)."""
     in_eval: bool = False
     """Also use S2 in eval mode (the paper's "test w/o full attention" column); no KV cache then, so no generation."""
 
