@@ -14,8 +14,8 @@ path needs (the out variant, the logsumexp, the backward op with the expected sc
 copied into its slice, or the backward recomputes the half through torch's differentiable `varlen_attn`.
 
 The kernel is one object, `KERNEL` (forward and backward per head half). Tests on CPU, where torch's flash kernels do
-not run, set it to a per-segment reference (see tests/test_attention_varlen.py); everything around the kernel (cu_seqlens,
-head halves, output slices, GQA, padding, packing, gradients) is then checked against a dense reference.
+not run, set it to a per-segment reference (tests/test_attention_varlen.py); everything around the kernel
+(cu_seqlens, head halves, output slices, GQA, padding, packing, gradients) is then checked against a dense reference.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None
     if dropout:
         raise ValueError("backend='varlen' has no attention dropout; use backend='sdpa' (or 'auto') with dropout.")
     if isinstance(KERNEL, TorchVarlenKernel) and not KERNEL.features["available"]:
-        raise ValueError(f"backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10; this is {torch.__version__})")
+        raise ValueError(f"backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10; this is "
+                         f"{torch.__version__}); use backend='auto'.")
     if isinstance(KERNEL, TorchVarlenKernel) and not (query.is_cuda and query.dtype in HALF_DTYPES):
         raise ValueError(f"backend='varlen' runs torch's flash kernels: CUDA tensors in fp16/bf16 (got {query.dtype} "
                          f"on {query.device}); use backend='auto'.")
