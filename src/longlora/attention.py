@@ -57,7 +57,7 @@ class TokenLayout:
     """Where the real tokens of a (B, L) batch are and which document each belongs to, flattened.
 
     `index` holds the flat positions b * L + t of the N real tokens in order; `doc_start[n]` is True where a new
-    sequence or packed document begins; `offset[n]` counts real tokens since that start (i' in LONGLORA.md).
+    sequence or packed document begins; `offset[n]` counts real tokens since that start (i' in docs/method.md).
     """
 
     index: torch.Tensor  # (N,) long
@@ -328,15 +328,18 @@ def _flash_segments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    segs: Segments,
+    layout: TokenLayout,
+    group_size: int,
+    shift: int,
     scale: float | None,
     dropout: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """Causal attention inside each segment with flash-attn's varlen kernel (segments are contiguous in token order)."""
+    from .attention_varlen import segment_cu_seqlens  # the same cu_seqlens, cached on the layout
+
     flash_attn_varlen_func = _import_flash()
-    cu = F.pad(segs.lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (S+1,)
-    max_len = int(segs.lengths.max())
+    cu, max_len = segment_cu_seqlens(layout, group_size, shift)  # (S+1,) int32, a bound on segment length
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     return flash_attn_varlen_func(
         q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale, causal=True, window_size=window
@@ -458,8 +461,7 @@ def s2_attention(
     pieces = []
     for (h0, h1, shift_by), qh, kh, vh in zip(halves, q_halves, k_halves, v_halves):
         if backend == "flash":
-            pieces.append(_flash_segments(qh, kh, vh, group_segments(layout, group_size, shift_by), scale, dropout,
-                                          sliding_window))
+            pieces.append(_flash_segments(qh, kh, vh, layout, group_size, shift_by, scale, dropout, sliding_window))
         elif layout.regular:
             rows = (b, length)
             pieces.append(_sdpa_regular(qh.view(*rows, *qh.shape[1:]), kh.view(*rows, *kh.shape[1:]),
@@ -486,7 +488,7 @@ def s2_dense_mask(
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """The S2 pattern as a dense (B, H, L, L) boolean mask, straight from the definition in LONGLORA.md.
+    """The S2 pattern as a dense (B, H, L, L) boolean mask, straight from the definition in docs/method.md.
 
     Quadratic in memory: for tests and the naive baseline of the benchmarks only.
     """

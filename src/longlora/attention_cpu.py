@@ -223,7 +223,7 @@ def _output_is_private(out: torch.Tensor, private_count) -> bool:
 def cpu_flash_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                       dropout: float, sliding_window: int | None, group_size: int) -> bool:
     """Whether this call can take the CPU Function (regular layout, CPU tensors, no dropout, window >= G)."""
-    return (layout.regular and query.device.type == "cpu" and query.dtype in _CPU_FLASH_DTYPES
+    return (query.device.type == "cpu" and layout.regular and query.dtype in _CPU_FLASH_DTYPES
             and key.dtype == value.dtype == query.dtype and value.shape[-1] == query.shape[-1]
             and all(x.stride(-1) == 1 for x in (query, key, value)) and dropout == 0.0
             and (sliding_window is None or sliding_window >= group_size) and _cpu_flash_ops() is not None)
