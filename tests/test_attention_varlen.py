@@ -199,9 +199,10 @@ def test_auto_selection_and_clear_errors():
 # --- TorchVarlenKernel's adaptation to torch's signatures, over a fake varlen module --------------------------
 
 
-def fake_varlen(new_signature: bool):
+def fake_varlen(new_signature: bool, cudnn_like: bool = False):
     """A stand-in for torch.nn.attention.varlen: 2.13-like (window_size, enable_gqa, return_aux, varlen_attn_out)
-    or 2.10-like (is_causal only, no GQA, no logsumexp, no out variant). Records the K/V head counts it sees."""
+    or 2.10-like (is_causal only, no GQA, no logsumexp, no out variant); cudnn_like: the new signature, but the
+    out variant and GQA raise at run time (torch's cuDNN varlen path). Records the K/V head counts it sees."""
     seen = []
 
     def run(q, k, v, cu, window):
@@ -213,11 +214,15 @@ def fake_varlen(new_signature: bool):
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1), enable_gqa=False):
             assert window_size[1] == 0
+            if cudnn_like and enable_gqa:
+                raise RuntimeError("GQA is not supported with the cuDNN backend.")
             out, lse = run(query, key, value, cu_seq_q, window_size)
             return (out, lse) if return_aux is not None else out
 
         def varlen_attn_out(out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                             window_size=(-1, -1), enable_gqa=False):
+            if cudnn_like:
+                raise RuntimeError("cuDNN backend does not support out variant.")
             res, lse = run(query, key, value, cu_seq_q, window_size)
             out.copy_(res)
             return (out, lse) if return_aux is not None else out
@@ -233,13 +238,13 @@ def fake_varlen(new_signature: bool):
     return module, seen
 
 
-@pytest.mark.parametrize("new_signature", [True, False])
-def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signature):
-    module, seen = fake_varlen(new_signature)
+@pytest.mark.parametrize("new_signature,cudnn_like", [(True, False), (False, False), (True, True)])
+def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signature, cudnn_like):
+    module, seen = fake_varlen(new_signature, cudnn_like)
     monkeypatch.setattr(attention_varlen, "_varlen_module", lambda: module)
 
     class OnCPU(attention_varlen.TorchVarlenKernel):
-        def applies(self, query, sliding_window, group_size):  # the fake module runs anywhere
+        def applies(self, query, sliding_window, group_size, scale=None):  # the fake module runs anywhere
             return self.supports(sliding_window, group_size)
 
     torch_kernel = OnCPU()
@@ -248,7 +253,10 @@ def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signatu
     monkeypatch.setattr(attention_varlen, "KERNEL", torch_kernel)
     q, k, v = rand_qkv(2, 8, 2, 48)
     check_against_reference(q, k, v, 16)
-    assert set(seen) == ({1} if new_signature else {4})  # unrepeated K/V with enable_gqa, repeated without
+    # unrepeated K/V with enable_gqa, repeated without (or once the kernel refused GQA)
+    assert set(seen) == ({1} if new_signature and not cudnn_like else {4})
+    if cudnn_like:  # learnt once: no more out-variant or GQA attempts
+        assert not torch_kernel.features["out"] and not torch_kernel.features["gqa"]
     if new_signature:
         check_against_reference(q, k, v, 16, sliding_window=5)
     else:  # a window shorter than G needs window_size: this torch's varlen cannot take it

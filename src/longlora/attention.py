@@ -287,7 +287,7 @@ def use_backend(backend: str = "auto", *, reuse_output_memory: bool | None = Non
 
 def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                     group_size: int, *, backend: str = "auto", dropout: float = 0.0,
-                    sliding_window: int | None = None) -> str:
+                    sliding_window: int | None = None, scale: float | None = None) -> str:
     """The path s2_attention takes for these inputs: "sdpa", "cpu", "varlen" or "flash" (the rule in the module
     docstring). Raises a ValueError when an explicitly asked-for "varlen" cannot run on them."""
     # imported here: the backend modules build on this one
@@ -300,14 +300,14 @@ def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if backend == "auto":
         if query.device.type == "cpu":
             return "cpu" if cpu_ok else "sdpa"
-        if varlen_applies(query, dropout, sliding_window, group_size):
+        if varlen_applies(query, dropout, sliding_window, group_size, scale):
             return "varlen"
         half = query.dtype in (torch.float16, torch.bfloat16)
         return "flash" if query.is_cuda and half and flash_available() else "sdpa"
     if backend == "cpu":
         return "cpu" if cpu_ok else "sdpa"
     if backend == "varlen":
-        check_varlen(query, dropout, sliding_window, group_size)
+        check_varlen(query, dropout, sliding_window, group_size, scale)
     return backend
 
 
@@ -430,7 +430,7 @@ def s2_attention(
     # Half the heads shifted by G/2 (paper section 3.2); all plain for the no-shift ablation.
     n_plain = hq // 2 if shift else hq
     backend = resolve_backend(query, key, value, layout, group_size, backend=backend, dropout=dropout,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, scale=scale)
     if backend == "cpu":
         from .attention_cpu import s2_cpu_flash
 

@@ -54,6 +54,7 @@ class TorchVarlenKernel:
                 available=varlen is not None,
                 window="window_size" in params,  # torch >= 2.11; 2.10 had is_causal only
                 gqa="enable_gqa" in params,
+                scale="scale" in params,
                 aux="return_aux" in params,
                 out=varlen is not None and hasattr(varlen, "varlen_attn_out"),
                 backward=_backward_op_matches(),
@@ -64,14 +65,16 @@ class TorchVarlenKernel:
         f = self.features
         return f["available"] and (f["window"] or sliding_window is None or sliding_window >= group_size)
 
-    def applies(self, query: torch.Tensor, sliding_window: int | None, group_size: int) -> bool:
+    def applies(self, query: torch.Tensor, sliding_window: int | None, group_size: int,
+                scale: float | None = None) -> bool:
         """CUDA fp16/bf16 on an Ampere or newer GPU, and what this torch's signature can express."""
+        default_scale = scale is None or abs(scale - query.shape[-1] ** -0.5) < 1e-12
         return (query.is_cuda and query.dtype in HALF_DTYPES and self.supports(sliding_window, group_size)
-                and _capability(query.device.index or 0) >= (8, 0))
+                and (self.features["scale"] or default_scale) and _capability(query.device.index or 0) >= (8, 0))
 
     def _kwargs(self, scale, window):
         f = self.features
-        kw = dict(scale=scale)
+        kw = {"scale": scale} if f["scale"] else {}  # without the argument: the default 1/sqrt(D) (see applies)
         if f["window"]:
             kw["window_size"] = window
         else:
@@ -99,9 +102,18 @@ class TorchVarlenKernel:
             try:
                 result = varlen.varlen_attn_out(out, q, k, v, cu, cu, max_len, max_len, **aux, **kw)
                 return result[1] if aux else None
-            except RuntimeError:  # e.g. a cuDNN build without the out variant: allocate, then copy
-                pass
-        result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+            except RuntimeError:  # e.g. a cuDNN build without the out variant: allocate and copy from now on
+                self._features["out"] = False
+        try:
+            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+        except RuntimeError:
+            if not gqa:
+                raise
+            # a kernel without GQA (torch's cuDNN varlen path): repeat K/V from now on, forward and backward alike
+            self._features["gqa"] = False
+            k, v, _ = self._kv(q, k, v)
+            kw.pop("enable_gqa")
+            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
         piece, lse = result if aux else (result, None)
         out.copy_(piece)
         return lse
@@ -149,19 +161,21 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def varlen_applies(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int) -> bool:
+def varlen_applies(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
+                   scale: float | None = None) -> bool:
     """Whether backend "auto" may take this path: CUDA fp16/bf16 on an Ampere or newer GPU, no dropout, torch with
     varlen (and its window argument where a sliding window bites)."""
     if dropout != 0.0:
         return False
     if not hasattr(KERNEL, "applies"):  # an injected kernel runs wherever it was written for
         return True
-    return KERNEL.applies(query, sliding_window, group_size)
+    return KERNEL.applies(query, sliding_window, group_size, scale)
 
 
-def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int) -> None:
+def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
+                 scale: float | None = None) -> None:
     """Raise a clear ValueError when backend="varlen" was asked for where it cannot run."""
-    if varlen_applies(query, dropout, sliding_window, group_size):
+    if varlen_applies(query, dropout, sliding_window, group_size, scale):
         return
     if dropout:
         raise ValueError("backend='varlen' has no attention dropout; use backend='sdpa' (or 'auto') with dropout.")
@@ -171,8 +185,8 @@ def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None
     if isinstance(KERNEL, TorchVarlenKernel) and not (query.is_cuda and query.dtype in HALF_DTYPES):
         raise ValueError(f"backend='varlen' runs torch's flash kernels: CUDA tensors in fp16/bf16 (got {query.dtype} "
                          f"on {query.device}); use backend='auto'.")
-    raise ValueError("backend='varlen' cannot run here (a GPU older than Ampere, or a sliding window this torch's "
-                     "varlen_attn cannot take); use backend='auto'.")
+    raise ValueError("backend='varlen' cannot run here (a GPU older than Ampere, or a sliding window or scale this "
+                     "torch's varlen_attn cannot take); use backend='auto'.")
 
 
 _REGULAR_CU: dict[tuple, tuple[torch.Tensor, int]] = {}
