@@ -140,7 +140,11 @@ def correctness(device, backends, scale):
                     rows.append(dict(row, status="n/a"))
                     continue
                 fn = lambda q, k, v: s2_attention(q, k, v, group, backend=backend, **kw)  # noqa: E731
-                errs = relative_errors(fn, q64, k64, v64, ref, ref_grads, keep, grad_out, dtype)
+                try:
+                    errs = relative_errors(fn, q64, k64, v64, ref, ref_grads, keep, grad_out, dtype)
+                except Exception as err:  # noqa: BLE001  (a broken backend is a result: record it, go on)
+                    rows.append(dict(row, status="ERROR", message=f"{type(err).__name__}: {err}"[:300]))
+                    continue
                 bound = 1e-4 if dtype == torch.float32 else max(3 * full_err, 2e-2)
                 rows.append(dict(row, output_error=errs[0], dq_error=errs[1], dk_error=errs[2], dv_error=errs[3],
                                  error=max(errs), bound=bound, status="ok" if max(errs) <= bound else "FAIL"))
@@ -149,7 +153,9 @@ def correctness(device, backends, scale):
     print("\n(a) correctness against a float64 dense reference (max error / max reference; output and dq/dk/dv)")
     print(f"{'case':>14} {'dtype':>5} {'backend':>7} {'out':>9} {'dq':>9} {'dk':>9} {'dv':>9} {'full SDPA':>9}  status")
     for r in rows:
-        if r["status"] == "n/a":
+        if r["status"] == "ERROR":
+            print(f"{r['case']:>14} {r['dtype']:>5} {r['backend']:>7}  ERROR {r['message'][:100]}")
+        elif r["status"] == "n/a":
             print(f"{r['case']:>14} {r['dtype']:>5} {r['backend']:>7} {'n/a on this device / dtype / layout':>39}")
         else:
             print(f"{r['case']:>14} {r['dtype']:>5} {r['backend']:>7} {r['output_error']:>9.2e} {r['dq_error']:>9.2e} "
@@ -173,7 +179,14 @@ def op_table(device, dtype, backends, cfg, repeats):
         q, k, v = make_inputs(length, cfg["op_heads"], cfg["op_kv_heads"], cfg["op_head_dim"], device, dtype)
         full_s = None
         for name, fn in variants:
-            seconds, peak = measure(fn, q, k, v, repeats)
+            try:
+                seconds, peak = measure(fn, q, k, v, repeats)
+            except Exception as err:  # noqa: BLE001  (record the failure, measure the rest)
+                rows.append(dict(length=length, group_size=group, variant=name, error=f"{type(err).__name__}: {err}"))
+                print(f"{length:>7} {name:>12}  ERROR {rows[-1]['error'][:100]}", flush=True)
+                q.grad = k.grad = v.grad = None
+                free(device)
+                continue
             full_s = full_s or seconds
             row = dict(length=length, group_size=group, variant=name, ms=seconds * 1e3, speedup=full_s / seconds,
                        peak_mib=peak / 2**20)
@@ -225,7 +238,12 @@ def step_table(device, dtype, cfg, repeats):
                 longlora.enable_s2_attention(model)
             else:
                 longlora.disable_s2_attention(model)
-            seconds, peak = time_and_peak(step, device, repeats)
+            try:
+                seconds, peak = time_and_peak(step, device, repeats)
+            except Exception as err:  # noqa: BLE001  (record the failure, measure the rest)
+                model.zero_grad(set_to_none=True)
+                seconds, peak = float("nan"), float("nan")
+                print(f"  {length:>7} {variant:>4} ERROR {type(err).__name__}: {str(err)[:100]}", flush=True)
             rows.append(dict(length=length, variant=variant, seconds=seconds, tokens_per_s=length / seconds,
                              peak_gib=peak / 2**30))
             print(f"  {length:>7} {variant:>4} {seconds:.3f} s", flush=True)
@@ -234,8 +252,10 @@ def step_table(device, dtype, cfg, repeats):
     del model
     free(device)
     # the limit: full = a*L + b*L^2 (least squares); S2 at best a*L + b*L^2 * G/L
-    full = {r["length"]: r["seconds"] for r in rows if r["variant"] == "full"}
+    full = {r["length"]: r["seconds"] for r in rows if r["variant"] == "full" and r["seconds"] == r["seconds"]}
     xs = sorted(full)
+    if not xs:
+        return rows, [], {}
     a, b = fit_linear_quadratic(xs, [full[x] for x in xs])
     print(f"{'L':>7} {'full s':>8} {'S2 s':>8} {'speed-up':>9} {'limit':>7} {'full tok/s':>11} {'S2 tok/s':>10} "
           f"{'full GiB':>9} {'S2 GiB':>8}")
@@ -288,6 +308,7 @@ def plot(op_rows, summary, path, title):
         print(f"matplotlib not installed: no {path}")
         return False
     fig, (ax_op, ax_step) = plt.subplots(1, 2, figsize=(11, 4))
+    op_rows = [r for r in op_rows if "error" not in r]
     for variant in dict.fromkeys(r["variant"] for r in op_rows if r["variant"] != "full"):
         rs = [r for r in op_rows if r["variant"] == variant]
         ax_op.plot([r["length"] for r in rs], [r["speedup"] for r in rs], "o-", label=variant)
@@ -354,9 +375,10 @@ def main(argv=None):
                  f"S2-Attn on {name} ({str(dtype).removeprefix('torch.')})") if "op" in parts and "step" in parts \
         else False
     print(f"\nwrote {out}{' and ' + str(out.with_suffix('.png')) if drawn else ''} in {meta['seconds']:.0f} s")
-    failed = [r for r in result.get("correctness", []) if r["status"] == "FAIL"]
+    failed = [r for r in result.get("correctness", []) if r["status"] in ("FAIL", "ERROR")]
+    failed += [r for r in result.get("op", []) if "error" in r]
     if failed:
-        print(f"{len(failed)} correctness row(s) FAILED")
+        print(f"{len(failed)} row(s) FAILED or raised an error")
         return 1
     return 0
 

@@ -308,6 +308,11 @@ def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return "cpu" if cpu_ok else "sdpa"
     if backend == "varlen":
         check_varlen(query, dropout, sliding_window, group_size, scale)
+    if backend == "flash":
+        _import_flash()  # ImportError with the install hint when the package is missing
+        if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+            raise ValueError(f"backend='flash' needs CUDA tensors in fp16/bf16 (got {query.dtype} on "
+                             f"{query.device}); use backend='auto'.")
     return backend
 
 
