@@ -123,3 +123,25 @@ def group_size_for(length: int, ratio: float = 0.25) -> int:
     from longlora.integration import S2Settings
 
     return S2Settings(group_size_ratio=ratio).group_size_for(length)
+
+
+def add_shape_arguments(parser, lengths: str) -> None:
+    """The options every op benchmark shares: lengths, attention shape, group ratio, device, dtype."""
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--group-ratio", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from longlora.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

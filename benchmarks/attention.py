@@ -15,22 +15,17 @@ import sys
 from pathlib import Path
 
 import torch
-from _measure import DTYPES, full_attention, group_size_for, make_inputs, measure, peak_only
+from _measure import (DTYPES, add_shape_arguments, full_attention, group_size_for, make_inputs, measure, peak_only,
+                      save_figure)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from longlora.attention import s2_attention  # noqa: E402
-from longlora.io import atomic_path, write_json  # noqa: E402
+from longlora.io import write_json  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="2048,4096,8192,16384")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_shape_arguments(p, lengths="2048,4096,8192,16384")
     p.add_argument("--backends", default="auto",
                    help="S2 backends to time: auto, sdpa, cpu, varlen, flash (see longlora.attention)")
     p.add_argument("--repeats", type=int, default=3)
@@ -111,9 +106,7 @@ def plot(rows, meta, path):
     fig.suptitle(f"S2-Attn vs full attention: Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
                  f"{meta['dtype']} {meta['device']}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

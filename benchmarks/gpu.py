@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from _measure import full_attention, group_size_for, make_inputs, measure, time_and_peak
+from _measure import full_attention, group_size_for, make_inputs, measure, save_figure, time_and_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from longlora.attention import flash_available, resolve_backend, s2_attention, s2_dense_mask  # noqa: E402
 from longlora.attention import token_layout  # noqa: E402
-from longlora.io import atomic_path, write_json  # noqa: E402
+from longlora.io import write_json  # noqa: E402
 
 FULL = dict(op_lengths=[4096, 8192, 16384, 32768, 65536, 131072], op_heads=32, op_kv_heads=32, op_head_dim=128,
             step_lengths=[8192, 16384, 32768, 65536], repeats=3, check_scale=1,
@@ -327,9 +327,7 @@ def plot(op_rows, summary, path, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

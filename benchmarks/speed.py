@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _measure import DTYPES, full_attention, group_size_for, make_inputs, measure, time_and_peak
+from _measure import (DTYPES, add_shape_arguments, full_attention, group_size_for, make_inputs, measure, save_figure,
+                      time_and_peak)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -75,13 +76,7 @@ def train_step_measure(variant: str, length: int, device, dtype, repeats: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_shape_arguments(p, lengths="1024,2048,4096,8192,16384")
     p.add_argument("--parts", default="op,step", help="op (attention alone), step (whole training step)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--naive-max-length", type=int, default=16384, help="skip the dense-mask baseline beyond this")
@@ -138,8 +133,6 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from longlora.io import atomic_path
-
     parts = sorted({r["part"] for r in rows})
     fig, axes = plt.subplots(len(parts), 2, figsize=(11, 3.8 * len(parts)), squeeze=False)
     for i, part in enumerate(parts):
@@ -159,9 +152,7 @@ def plot(rows, path):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
