@@ -311,3 +311,18 @@ def test_layout_is_built_once_per_forward_and_reused_by_every_layer(monkeypatch)
     with longlora.attention.use_backend("sdpa"):
         model(ids, labels=ids).loss.backward()  # no padding: the regular layout, kept on position_ids
     assert built == [1]
+
+
+def test_cached_layout_follows_a_position_ids_tensor_changed_in_place():
+    """The layout kept on a position_ids tensor is read again after the tensor is changed in place."""
+    model = build("llama")
+    longlora.enable_s2_attention(model, group_size=GROUP)
+    model.train()
+    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(32)[None]
+    with torch.no_grad():
+        model(ids, position_ids=pos, use_cache=True)  # one document
+        pos[0, 20:] = torch.arange(12)  # now two packed documents, same tensor
+        packed = model(ids, position_ids=pos, use_cache=True).logits
+        second = model(ids[:, 20:], use_cache=False).logits
+    torch.testing.assert_close(packed[:, 20:], second, atol=1e-4, rtol=1e-4)

@@ -156,11 +156,12 @@ def _forward_layout(mask: torch.Tensor | None, position_ids: torch.Tensor | None
     if layouts is None:
         layouts = {}
         setattr(holder, _LAYOUTS, layouts)
-    regular = ("regular", batch, length, str(device))
+    # the tensor's version counter in every key: a tensor changed in place is read again
+    regular = ("regular", holder._version, batch, length, str(device))
     if mask is None and (regular in layouts or (_S2_FORWARD.get() and not _POSITIONS_GIVEN.get())):
         key, args = regular, (None, None)
     else:
-        key, args = (mask is None, position_ids is None, batch, length, str(device)), (mask, position_ids)
+        key, args = (mask is None, holder._version, batch, length, str(device)), (mask, position_ids)
     if key not in layouts:
         layouts[key] = _layout_from_mask(*args, batch, length, device)
     return layouts[key]
