@@ -197,6 +197,8 @@ def regular_cu_seqlens(batch: int, length: int, group_size: int, shift: int, dev
     at 0, G, 2G, ... (shift 0) or 0, G/2, 3G/2, ..., L (shift G/2). Built from integers once, then cached."""
     key = (batch, length, group_size, shift, str(device))
     if key not in _REGULAR_CU:
+        if len(_REGULAR_CU) >= 256:  # many distinct shapes (variable-length batches): start over
+            _REGULAR_CU.clear()
         row = [0] + list(range(shift or group_size, length, group_size)) + [length]
         bounds = [b * length + x for b in range(batch) for x in row[:-1]] + [batch * length]
         host = torch.tensor(bounds, dtype=torch.int32)
