@@ -263,6 +263,28 @@ def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signatu
         assert not torch_kernel.supports(5, 16) and torch_kernel.supports(None, 16)
 
 
+@pytest.mark.parametrize("hq,hk", [(8, 2), (9, 3)])
+def test_torch_kernel_calls_this_torchs_real_ops_with_matching_arguments(hq, hk):
+    """Meta tensors run torch's own varlen ops through their shape functions: the fast path (varlen_attn_out with
+    the logsumexp, the private backward op) accepts the arguments this module passes, and gives gradients in the
+    inputs' layout. No numbers (meta tensors have none): the values are the GPU tests' job."""
+    kernel = attention_varlen.TorchVarlenKernel()
+    if not kernel.features["available"]:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    b, length, d = 2, 64, 64
+    q, k, v = (torch.empty(b, length, h, d, device="meta", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for h in (hq, hk, hk))
+    before = dict(kernel.features)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_varlen, "KERNEL", kernel)
+        out = attention_varlen.s2_varlen(q, k, v, token_layout(b, length, q.device), 16, hq // 2, None, None)
+    assert out.shape == (b, hq, length, d)
+    out.sum().backward()
+    assert kernel.features == before  # no fallback was needed: the fast path took every call
+    for x in (q, k, v):
+        assert x.grad.shape == x.shape and x.grad.stride() == x.stride()
+
+
 # --- the real kernels, on a GPU ------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
