@@ -42,7 +42,7 @@ def _cpu_flash_ops():
 def _batches(length: int, group_size: int, shift: int) -> list[tuple[int, int, int, int]]:
     """(start, segment_length, count, spacing): equal-length groups of a row, evenly spaced, batched for one call.
 
-    The runs of `_runs`, except that a shifted row's two half-groups (the first and the last, of equal length when L is
+    The runs of `group_runs`, except that a shifted row's two half-groups (the first and the last, of equal length when L is
     a multiple of G) are batched together: one kernel call with two batch entries instead of two calls with one.
     """
     runs = [(start, seg_len, count, seg_len) for start, seg_len, count in group_runs(length, group_size, shift)]
