@@ -42,8 +42,8 @@ def _cpu_flash_ops():
 def _batches(length: int, group_size: int, shift: int) -> list[tuple[int, int, int, int]]:
     """(start, segment_length, count, spacing): equal-length groups of a row, evenly spaced, batched for one call.
 
-    The runs of `group_runs`, except that a shifted row's two half-groups (the first and the last, of equal length when L is
-    a multiple of G) are batched together: one kernel call with two batch entries instead of two calls with one.
+    The runs of `group_runs`, except that a shifted row's two half-groups (the first and the last, of equal length
+    when L is a multiple of G) are batched together: one kernel call with two batch entries instead of two calls.
     """
     runs = [(start, seg_len, count, seg_len) for start, seg_len, count in group_runs(length, group_size, shift)]
     if len(runs) > 2 and runs[0][1:3] == runs[-1][1:3] == (runs[0][1], 1):
