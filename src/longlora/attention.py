@@ -140,6 +140,20 @@ def token_layout(
                        known_regular=True if plain else None)
 
 
+_REGULAR_LAYOUTS: dict[tuple, TokenLayout] = {}
+
+
+def _regular_layout(batch: int, length: int, device: torch.device) -> TokenLayout:
+    """token_layout(batch, length, device) for calls without mask or positions, built once per shape: a bare
+    s2_attention call then launches no layout kernels (the layout's tensors are never written to)."""
+    key = (batch, length, str(device))
+    if key not in _REGULAR_LAYOUTS:
+        if len(_REGULAR_LAYOUTS) >= 16:  # many distinct shapes: start over
+            _REGULAR_LAYOUTS.clear()
+        _REGULAR_LAYOUTS[key] = token_layout(batch, length, device)
+    return _REGULAR_LAYOUTS[key]
+
+
 def group_segments(layout: TokenLayout, group_size: int, shift: int) -> Segments:
     """Cut each document into groups of `group_size` counted from its start, the first group `shift` tokens shorter.
 
@@ -428,7 +442,9 @@ def s2_attention(
     _check_inputs(query, key, value, group_size, attention_mask, position_ids, backend)
     b, hq, length, _ = query.shape
     hk = key.shape[1]
-    if layout is None:
+    if layout is None and attention_mask is None and position_ids is None:
+        layout = _regular_layout(b, length, query.device)
+    elif layout is None:
         layout = token_layout(b, length, query.device, attention_mask, position_ids)
     if layout.index.numel() == 0:  # nothing but padding
         return query.new_zeros(b, length, hq, value.shape[-1]).transpose(1, 2)
