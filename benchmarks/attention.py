@@ -5,143 +5,36 @@
         --lengths 4096,8192,16384,32768,65536 --backends sdpa,flash
 
 Prints a table, writes JSON and a PNG plot (docs/benchmarks/attention.{json,png} by default).
-Peak memory: CUDA's allocator peak on GPU; on CPU, the peak of bytes held by tensors, tracked by a
-TorchDispatchMode that counts every tensor allocated (inputs excluded) until its storage is freed.
+Peak memory: see benchmarks/_measure.py (CUDA's allocator peak; on CPU, bytes held by tensors).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import sys
-import time
-import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from _measure import (DTYPES, add_shape_arguments, full_attention, group_size_for, make_inputs, measure, peak_only,
+                      save_figure)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from longlora.attention import s2_attention  # noqa: E402
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the mode (CPU-friendly stand-in for max_memory_allocated)."""
-
-    def __init__(self, exclude: tuple[torch.Tensor, ...] = ()):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        # storages of the inputs: views of them (a transpose, a slice) are not new memory
-        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._seen or storage.nbytes() == 0:
-            return
-        self._seen.add(key)
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-
-        def release(_ref, key=key, size=size):
-            self._seen.discard(key)
-            self.live -= size
-
-        weakref.finalize(storage, release, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-
-def make_inputs(length, heads, kv_heads, head_dim, device, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # the model's layout: (B, L, H, D) projections transposed to (B, H, L, D)
-    q = torch.randn(1, length, heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
-    k = torch.randn(1, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
-    v = torch.randn(1, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
-    return q, k, v
-
-
-def full_attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def measure(fn, q, k, v, repeats, keep_output=False):
-    """Median fwd+bwd seconds and peak memory (bytes) of fn(q, k, v).sum().backward().
-
-    As in a model (the attention output feeds o_proj and is not kept), nothing holds the output during backward,
-    unless keep_output: then the caller keeps it, which stops S2 from writing dq over its saved output.
-    """
-    device = q.device
-
-    def step():
-        if keep_output:
-            kept = fn(q, k, v)
-            kept.float().sum().backward()
-            del kept
-        else:
-            fn(q, k, v).float().sum().backward()
-        q.grad = k.grad = v.grad = None
-
-    return time_and_peak(step, device, repeats, exclude=(q, k, v))
-
-
-def peak_only(fn, q, k, v, keep_output=False):
-    """Peak memory (bytes) of one fwd+bwd of fn (no timing)."""
-    return measure(fn, q, k, v, 0, keep_output)[1]
-
-
-def time_and_peak(step, device, repeats, exclude=()):
-    """Median seconds of `step()` over `repeats` runs after a warm-up, and the peak bytes of one more run."""
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with PeakTensorMemory(exclude=exclude) as tracker:
-            step()
-        peak = tracker.peak
-    return (sorted(times)[len(times) // 2] if times else float("nan")), peak
+from longlora.io import write_json  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="2048,4096,8192,16384")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--backends", default="sdpa", help="S2 backends to time: sdpa, flash (CUDA + flash-attn)")
+    add_shape_arguments(p, lengths="2048,4096,8192,16384")
+    p.add_argument("--backends", default="auto",
+                   help="S2 backends to time: auto, sdpa, cpu, varlen, flash (see longlora.attention)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", default="docs/benchmarks/attention.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
     lengths = [int(x) for x in args.lengths.split(",")]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -153,7 +46,7 @@ def main(argv=None):
     for backend in backends:
         print(f"\nS2 backend: {backend}\n{header}")
         for length in lengths:
-            group = max(2, int(length * args.group_ratio) // 2 * 2)
+            group = group_size_for(length, args.group_ratio)
             q, k, v = make_inputs(length, args.heads, args.kv_heads, args.head_dim, device, dtype)
             t_full, m_full = measure(full_attention, q, k, v, args.repeats)
             s2 = lambda a, b, c: s2_attention(a, b, c, group, backend=backend)  # noqa: E731
@@ -172,13 +65,10 @@ def main(argv=None):
             del q, k, v
 
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
                 device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                 group_ratio=args.group_ratio)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    os.replace(tmp, out)
+    write_json(out, dict(meta=meta, rows=rows))
     plot(rows, meta, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
@@ -190,12 +80,14 @@ def plot(rows, meta, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for backend in sorted({r["backend"] for r in rows}):
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for backend in backends:
         rs = [r for r in rows if r["backend"] == backend]
         ls = [r["length"] for r in rs]
-        ax_t.plot(ls, [r["full_s"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
+        first = backend == backends[0]  # full SDPA is measured beside every backend: drawn once
+        ax_t.plot(ls, [r["full_s"] for r in rs], "o-", label="full causal SDPA" if first else None)
         ax_t.plot(ls, [r["s2_s"] for r in rs], "s-", label=f"S2-Attn ({backend})")
-        ax_m.plot(ls, [r["full_peak_mb"] for r in rs], "o-", label="full causal SDPA" if backend == "sdpa" else None)
+        ax_m.plot(ls, [r["full_peak_mb"] for r in rs], "o-", label="full causal SDPA" if first else None)
         ax_m.plot(ls, [r["s2_peak_mb"] for r in rs], "s-", label=f"S2-Attn ({backend})")
         if "s2_output_kept_peak_mb" in rs[0]:
             ax_m.plot(ls, [r["s2_output_kept_peak_mb"] for r in rs], "x:",
@@ -214,10 +106,7 @@ def plot(rows, meta, path):
     fig.suptitle(f"S2-Attn vs full attention: Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
                  f"{meta['dtype']} {meta['device']}")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

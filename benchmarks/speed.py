@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from _measure import (DTYPES, add_shape_arguments, full_attention, group_size_for, make_inputs, measure, save_figure,
+                      time_and_peak)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from attention import make_inputs, measure, time_and_peak  # noqa: E402  (the op benchmark's tools)
 
 from longlora.attention import s2_attention, s2_dense_mask  # noqa: E402
 
@@ -31,8 +30,7 @@ VARIANTS = ("full", "s2", "short", "naive")
 
 def op_fn(variant: str, group: int, mask_cache: dict):
     if variant == "full":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                              enable_gqa=q.shape[1] != k.shape[1])
+        return full_attention
     if variant in ("s2", "short"):
         return lambda q, k, v: s2_attention(q, k, v, group, shift=variant == "s2")
 
@@ -41,8 +39,8 @@ def op_fn(variant: str, group: int, mask_cache: dict):
         if key not in mask_cache:  # built once, outside the timed region's repeats (a fair, optimistic baseline)
             mask_cache.clear()
             mask_cache[key] = s2_dense_mask(q.shape[2], q.shape[1], group).to(q.device)  # (1, H, L, L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[key],
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[key],
+                                                                enable_gqa=q.shape[1] != k.shape[1])
 
     return naive
 
@@ -78,13 +76,7 @@ def train_step_measure(variant: str, length: int, device, dtype, repeats: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_shape_arguments(p, lengths="1024,2048,4096,8192,16384")
     p.add_argument("--parts", default="op,step", help="op (attention alone), step (whole training step)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--naive-max-length", type=int, default=16384, help="skip the dense-mask baseline beyond this")
@@ -92,7 +84,7 @@ def main(argv=None):
     p.add_argument("--output", default="docs/benchmarks/speed.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     lengths = [int(x) for x in args.lengths.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     parts = [x for x in args.parts.split(",") if x]
@@ -103,7 +95,7 @@ def main(argv=None):
               f"({args.dtype}, {device}, {torch.get_num_threads()} threads)")
         print(f"{'L':>7} {'variant':>7} {'seconds':>9} {'peak MB':>9} {'full/this':>10} {'mem/full':>9} {'limit':>6}")
         for length in lengths:
-            group = max(2, int(length * args.group_ratio) // 2 * 2)
+            group = group_size_for(length, args.group_ratio)
             found = {}
             mask_cache: dict = {}
             for variant in variants:
@@ -141,8 +133,6 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from longlora.io import atomic_path
-
     parts = sorted({r["part"] for r in rows})
     fig, axes = plt.subplots(len(parts), 2, figsize=(11, 3.8 * len(parts)), squeeze=False)
     for i, part in enumerate(parts):
@@ -162,9 +152,7 @@ def plot(rows, path):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""An independent S2-Attn reference for tests: the definition in LONGLORA.md as a dense mask, then plain softmax.
+"""An independent S2-Attn reference for tests: the definition in docs/method.md as a dense mask, then plain softmax.
 
 Written separately from longlora.attention (vectorised here, loops there) so that the two can check each other.
 """

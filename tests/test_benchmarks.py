@@ -53,3 +53,28 @@ def test_ablation_two_row_smoke(tmp_path):
     assert summary[0]["ppl_1024_trained_attention"] == summary[0]["ppl_1024"]
     assert math.isfinite(summary[1]["ppl_1024_trained_attention"])
     assert summary[1]["ppl_1024_trained_attention"] != summary[1]["ppl_1024"]
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    """benchmarks/gpu.py --smoke: the GPU benchmark's code on CPU at tiny sizes, every table filled and written."""
+    out = tmp_path / "gpu.json"
+    printed = run("gpu.py", "--smoke", "--op-lengths", "256", "--step-lengths", "128,256", "--output", str(out))
+    written = json.loads(out.read_text())
+    checks = [r for r in written["correctness"] if r["status"] != "n/a"]
+    assert {r["backend"] for r in checks} == {"sdpa", "cpu"} and {r["dtype"] for r in checks} == {"bf16", "fp32"}
+    assert {r["case"] for r in checks} == {"regular", "ragged L", "9/3 heads", "left padding", "right padding",
+                                          "packed docs"}
+    assert all(r["status"] == "ok" for r in checks)
+    assert all(r["error"] < 1e-4 for r in checks if r["dtype"] == "fp32")
+    # bf16: S2's error is of the size of full SDPA's own on the same inputs
+    assert all(r["error"] < 3 * r["full_sdpa_error"] + 1e-3 for r in checks if r["dtype"] == "bf16")
+    assert {r["variant"] for r in written["op"]} == {"full", "s2 sdpa", "s2 cpu", "short"}
+    assert [r["length"] for r in written["step"]] == [128, 256]
+    assert all(r["full_s"] > 0 and r["s2_s"] > 0 and r["fitted_limit"] >= 1 for r in written["step"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "(a) correctness" in printed and "(c) LoRA+ training step" in printed
+    source = (ROOT / "benchmarks" / "gpu.py").read_text()
+    top_imports = {line.split()[1].split(".")[0] for line in source.splitlines()
+                   if line.startswith(("import ", "from "))}
+    assert top_imports <= {"__future__", "argparse", "gc", "sys", "time", "pathlib", "torch", "_measure",
+                           "longlora"}  # stock PyTorch image: nothing else at import time

@@ -271,3 +271,58 @@ def test_training_forward_gets_an_O_L_mask_with_padding_and_packing_and_eval_sta
         integration._S2_FORWARD.set(False)
     longlora.disable_s2_attention(model)
     assert not model._longlora_hooks
+
+
+def test_a_forward_that_raises_resets_the_s2_flag():
+    from longlora import integration
+
+    model = build("llama")
+    longlora.enable_s2_attention(model, group_size=GROUP)
+    model.train()
+    bad = torch.full((1, 16), VOCAB + 5)  # out of the vocabulary: the embedding raises inside the forward
+    with pytest.raises(IndexError):
+        model(bad)
+    assert integration._S2_FORWARD.get() is False
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    model(ids).logits.sum().backward()  # and the model still works afterwards
+    assert integration._S2_FORWARD.get() is False
+
+
+def test_layout_is_built_once_per_forward_and_reused_by_every_layer(monkeypatch):
+    """Per forward, the token layout (and its group cut) is read off the mask once, not once per layer."""
+    from longlora import attention, integration
+
+    built, cut = [], []
+    layout_from_mask, cut_segments = integration._layout_from_mask, attention._cut_segments
+    monkeypatch.setattr(integration, "_layout_from_mask", lambda *a: built.append(1) or layout_from_mask(*a))
+    monkeypatch.setattr(attention, "_cut_segments", lambda *a: cut.append(a[1:]) or cut_segments(*a))
+    model = build("llama", num_hidden_layers=3)
+    longlora.enable_s2_attention(model, group_size=GROUP)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :9] = 0
+    with longlora.attention.use_backend("sdpa"):
+        model(ids, attention_mask=mask, labels=ids).loss.backward()  # 3 layers, forward + checkpoint recompute
+    assert len(built) == 1
+    assert sorted(cut) == [(GROUP, 0), (GROUP, GROUP // 2)]  # each head half's groups cut once
+    built.clear()
+    with longlora.attention.use_backend("sdpa"):
+        model(ids, labels=ids).loss.backward()  # no padding: the regular layout, kept on position_ids
+    assert built == [1]
+
+
+def test_cached_layout_follows_a_position_ids_tensor_changed_in_place():
+    """The layout kept on a position_ids tensor is read again after the tensor is changed in place."""
+    model = build("llama")
+    longlora.enable_s2_attention(model, group_size=GROUP)
+    model.train()
+    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(32)[None]
+    with torch.no_grad():
+        model(ids, position_ids=pos, use_cache=True)  # one document
+        pos[0, 20:] = torch.arange(12)  # now two packed documents, same tensor
+        packed = model(ids, position_ids=pos, use_cache=True).logits
+        second = model(ids[:, 20:], use_cache=False).logits
+    torch.testing.assert_close(packed[:, 20:], second, atol=1e-4, rtol=1e-4)

@@ -14,17 +14,39 @@ plain causal attention inside each segment, so the whole op is "variable-length 
 - On CPU with the common regular layout (no padding, no packing), a custom autograd Function drives torch's CPU
   flash kernels piece by piece, writing into one output buffer and one set of gradient buffers, so that S2-Attn holds
   no more than full causal attention does (output, logsumexp, dq/dk/dv) plus one small backward tile.
+
+Backends (one switch for users and tests: the `backend=` argument, or `set_backend` / `use_backend` for every call
+that leaves it at "auto", e.g. a model's layers):
+- "sdpa": the composition above (any device, any layout);
+- "cpu": the regular CPU layout through `attention_cpu` (torch's CPU flash kernels, one output buffer, dq written over
+  the saved output when nothing else holds it); other layouts take "sdpa";
+- "varlen": torch's own varlen flash kernels through `attention_varlen` (CUDA, fp16/bf16, Ampere or newer, no extra
+  package): one call per head half into one output, cached cu_seqlens, no roll/cat/K-V copies;
+- "flash": flash-attn's varlen kernel (the flash-attn package, CUDA, fp16/bf16);
+- "auto" (default), by device: on CPU, "cpu" where it applies, else "sdpa"; on CUDA in fp16/bf16 with no attention
+  dropout, "varlen" where torch has it (torch >= 2.10, Ampere or newer; with a sliding window shorter than G only
+  where its varlen takes a window), else "flash" when flash-attn is installed, else "sdpa"; fp32 on CUDA: "sdpa"
+  (the flash kernels take half precision only). varlen is preferred to flash-attn because it writes each half into
+  one output with no concatenation; the two run the same FlashAttention-2 algorithm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "flash")
+BACKENDS = ("auto", "sdpa", "cpu", "varlen", "flash")
+
+# Process-wide defaults, changed only through set_backend / use_backend.
+_DEFAULT_BACKEND = "auto"
+REUSE_OUTPUT_MEMORY = True
+"""Let the CPU backend write dq over the saved attention output when nothing else holds it (False: never; needed only
+when one graph is backpropagated twice with retain_graph=True and nothing keeps the output). Part of the backend
+configuration: prefer set_backend(reuse_output_memory=...) / use_backend(...) to assigning it."""
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 _MIN_BUCKET = 32  # smaller segments share the smallest bucket; below this size padding costs nothing worth saving
@@ -35,7 +57,7 @@ class TokenLayout:
     """Where the real tokens of a (B, L) batch are and which document each belongs to, flattened.
 
     `index` holds the flat positions b * L + t of the N real tokens in order; `doc_start[n]` is True where a new
-    sequence or packed document begins; `offset[n]` counts real tokens since that start (i' in LONGLORA.md).
+    sequence or packed document begins; `offset[n]` counts real tokens since that start (i' in docs/method.md).
     """
 
     index: torch.Tensor  # (N,) long
@@ -43,6 +65,12 @@ class TokenLayout:
     offset: torch.Tensor  # (N,) long
     batch: int
     length: int
+    known_regular: bool | None = field(default=None, compare=False)
+    """True when built without mask, position_ids or boundaries: `regular` then needs no look at the tensors
+    (on CUDA, no host-device synchronisation)."""
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+    """What backends derive from the layout (segments, cu_seqlens), kept with it: a layout shared by every layer of
+    a forward pass is cut into groups once."""
 
     @property
     def all_real(self) -> bool:
@@ -51,7 +79,11 @@ class TokenLayout:
     @property
     def regular(self) -> bool:
         """Every token real and every row a single document: groups sit at fixed positions in every row."""
-        return self.all_real and int(self.doc_start.sum()) == self.batch
+        if self.known_regular is not None:
+            return self.known_regular
+        if "regular" not in self.cache:
+            self.cache["regular"] = self.all_real and int(self.doc_start.sum()) == self.batch
+        return self.cache["regular"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +135,37 @@ def token_layout(
         doc_start = torch.ones_like(docs, dtype=torch.bool)
         doc_start[1:] = docs[1:] != docs[:-1]
     offset = torch.arange(index.numel(), device=device) - _running_start(doc_start)
-    return TokenLayout(index=index, doc_start=doc_start, offset=offset, batch=batch, length=length)
+    plain = attention_mask is None and position_ids is None and doc_boundaries is None
+    return TokenLayout(index=index, doc_start=doc_start, offset=offset, batch=batch, length=length,
+                       known_regular=True if plain else None)
+
+
+_REGULAR_LAYOUTS: dict[tuple, TokenLayout] = {}
+
+
+def _regular_layout(batch: int, length: int, device: torch.device) -> TokenLayout:
+    """token_layout(batch, length, device) for calls without mask or positions, built once per shape: a bare
+    s2_attention call then launches no layout kernels (the layout's tensors are never written to)."""
+    key = (batch, length, str(device))
+    if key not in _REGULAR_LAYOUTS:
+        if len(_REGULAR_LAYOUTS) >= 16:  # many distinct shapes: start over
+            _REGULAR_LAYOUTS.clear()
+        _REGULAR_LAYOUTS[key] = token_layout(batch, length, device)
+    return _REGULAR_LAYOUTS[key]
 
 
 def group_segments(layout: TokenLayout, group_size: int, shift: int) -> Segments:
-    """Cut each document into groups of `group_size` counted from its start, the first group `shift` tokens shorter."""
+    """Cut each document into groups of `group_size` counted from its start, the first group `shift` tokens shorter.
+
+    Cached on the layout: every layer of a forward pass that shares the layout reuses the cut.
+    """
+    key = ("segments", group_size, shift)
+    if key not in layout.cache:
+        layout.cache[key] = _cut_segments(layout, group_size, shift)
+    return layout.cache[key]
+
+
+def _cut_segments(layout: TokenLayout, group_size: int, shift: int) -> Segments:
     group = torch.div(layout.offset + shift, group_size, rounding_mode="floor")  # (N,)
     is_start = layout.doc_start.clone()
     is_start[1:] |= group[1:] != group[:-1]
@@ -159,7 +217,7 @@ def _sdpa_segments(
     return out
 
 
-def _runs(length: int, group_size: int, shift: int) -> list[tuple[int, int, int]]:
+def group_runs(length: int, group_size: int, shift: int) -> list[tuple[int, int, int]]:
     """(start, segment_length, count) runs of equal-length consecutive groups in a row of `length` real tokens."""
     bounds = [0] + list(range(shift or group_size, length, group_size)) + [length]
     runs: list[tuple[int, int, int]] = []
@@ -187,7 +245,7 @@ def _sdpa_regular(
     """
     b, length, hq, _ = q.shape
     hk = k.shape[2]
-    runs = _runs(length, group_size, shift)
+    runs = group_runs(length, group_size, shift)
     sizes = [seg_len * count for _, seg_len, count in runs]
     # split (not slice) along L: its backward is one cat, where per-run slices would each allocate a full-size grad
     outs = []
@@ -199,226 +257,77 @@ def _sdpa_regular(
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
-_CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# The backward kernel returns freshly allocated dq/dk/dv for the rows it is given: cutting each group into
-# _BWD_SPLITS x _BWD_SPLITS tiles (lower triangle only) bounds that extra memory to ~1/_BWD_SPLITS of one group's
-# gradients (about 1% of the whole op's at G = L/4) for (_BWD_SPLITS + 1) * _BWD_SPLITS / 2 kernel calls per group.
-_BWD_SPLITS = 1
-_BWD_MIN_TILE = 128  # rows; smaller tiles would cost more in per-call overhead than they save
-
-
-def _cpu_flash_ops():
-    """torch's CPU flash-attention forward/backward ops, or None where this torch build lacks them."""
-    try:
-        return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _head_chunks(hq: int, hk: int, n_plain: int, group_size: int) -> list[tuple[int, int, int, int, int]]:
+def head_blocks(hq: int, hk: int, n_plain: int, group_size: int) -> list[tuple[int, int, int, int, int]]:
     """(h0, h1, kv0, kv1, shift) blocks of query heads that share a shift and whole key/value heads [kv0, kv1)."""
     rep = hq // hk
-    chunks = []
+    blocks = []
     for h0, h1, shift in ((0, n_plain, 0), (n_plain, hq, group_size // 2)):
         if h1 <= h0:
             continue
         if h0 % rep == 0 and h1 % rep == 0:  # whole key/value heads: one GQA call, K/V unrepeated
-            chunks.append((h0, h1, h0 // rep, h1 // rep, shift))
+            blocks.append((h0, h1, h0 // rep, h1 // rep, shift))
         else:  # a key/value head straddles the plain/shifted border: one call per key/value head
             for kv in range(h0 // rep, (h1 - 1) // rep + 1):
-                chunks.append((max(h0, kv * rep), min(h1, (kv + 1) * rep), kv, kv + 1, shift))
-    return chunks
+                blocks.append((max(h0, kv * rep), min(h1, (kv + 1) * rep), kv, kv + 1, shift))
+    return blocks
 
 
-def _batches(length: int, group_size: int, shift: int) -> list[tuple[int, int, int, int]]:
-    """(start, segment_length, count, spacing): equal-length groups of a row, evenly spaced, batched for one call.
-
-    The runs of `_runs`, except that a shifted row's two half-groups (the first and the last, of equal length when L is
-    a multiple of G) are batched together: one kernel call with two batch entries instead of two calls with one.
-    """
-    runs = [(start, seg_len, count, seg_len) for start, seg_len, count in _runs(length, group_size, shift)]
-    if len(runs) > 2 and runs[0][1:3] == runs[-1][1:3] == (runs[0][1], 1):
-        first, last = runs[0], runs[-1]
-        runs = [(first[0], first[1], 2, last[0] - first[0])] + runs[1:-1]
-    return runs
+def set_backend(backend: str = "auto", *, reuse_output_memory: bool | None = None) -> None:
+    """Set the backend used by every s2_attention call that passes backend="auto" (a model's layers do, unless
+    enable_s2_attention got another backend), and optionally REUSE_OUTPUT_MEMORY. set_backend() restores "auto"."""
+    global _DEFAULT_BACKEND, REUSE_OUTPUT_MEMORY
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _DEFAULT_BACKEND = backend
+    if reuse_output_memory is not None:
+        REUSE_OUTPUT_MEMORY = bool(reuse_output_memory)
 
 
-def _pieces(x: torch.Tensor, bi: int, h0: int, h1: int, start: int, seg_len: int, count: int,
-            spacing: int) -> torch.Tensor:
-    """View of heads [h0, h1) of row `bi` over `count` groups of `seg_len` tokens, `spacing` tokens apart.
-
-    (B, H, L, D) -> (count, H, seg_len, D), no copy.
-    """
-    base = x[bi, h0:h1]  # (H, L, D)
-    s_h, s_l, s_d = base.stride()
-    return base.as_strided((count, h1 - h0, seg_len, base.shape[-1]), (spacing * s_l, s_h, s_l, s_d),
-                           base.storage_offset() + start * s_l)
+def get_backend() -> str:
+    """The process-wide default set by set_backend ("auto" unless changed)."""
+    return _DEFAULT_BACKEND
 
 
-def _kernel_threads() -> int:
-    return torch.get_num_threads()
-
-
-def _backward_calls(count: int, hq: int, hkv: int, threads: int) -> list[tuple[slice, slice, slice, int]]:
-    """Backward kernel calls for one batch of `count` groups: (groups, query heads, key/value heads, rep).
-
-    With GQA inputs torch's CPU backward kernel parallelises over (groups x key/value heads) only: a call gets just
-    enough groups to give every thread one (more would only hold more gradient memory). Groups left over (on 2
-    threads, the 3 middle groups of a shifted row leave 1) would leave threads idle, so their calls see one
-    key/value head as its `rep` query heads (rep > 1; expanded with stride 0), which the kernel parallelises over.
-    """
-    rep = hq // hkv
-    per_call = max(1, -(-threads // hkv))
-    whole = count if rep == 1 else count // per_call * per_call
-    calls = [(slice(s, min(s + per_call, count)), slice(0, hq), slice(0, hkv), 1) for s in range(0, whole, per_call)]
-    per_expanded = max(1, -(-threads // rep))
-    for s in range(whole, count, per_expanded):
-        groups = slice(s, min(s + per_expanded, count))
-        calls += [(groups, slice(kv * rep, (kv + 1) * rep), slice(kv, kv + 1), rep) for kv in range(hkv)]
-    return calls
-
-
-class _S2FlashCPU(torch.autograd.Function):
-    """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, batch of groups).
-
-    Full causal SDPA holds its output, its logsumexp and then dq/dk/dv; composing SDPA calls with autograd also holds
-    every piece's output and concatenated copies. Here the forward writes every piece into one (B, L, Hq, D) output
-    (the returned tensor, saved for backward) and keeps only the pieces' logsumexps; the backward writes into one
-    dq/dk/dv, calling the backward kernel on square tiles of a few groups at a time (the flash backward is exact per
-    tile given the whole row's output and logsumexp). The kernel returns freshly allocated gradients for each call;
-    to stay below full SDPA's peak, dq is written over the saved output (each piece's output is dead once its rows
-    are done) when nothing else holds that output (`_output_is_private`); otherwise dq is a new buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, group_size, n_plain, scale):
-        # query (B, Hq, L, D), key/value (B, Hkv, L, D)
-        flash_fwd, _ = _cpu_flash_ops()
-        b, hq, length, d = query.shape
-        # output stored tokens-first like SDPA's, returned as a (B, Hq, L, D) view
-        out = query.new_empty(b, length, hq, d).transpose(1, 2)
-        plan, lses = [], []
-        for bi in range(b):
-            for h0, h1, kv0, kv1, shift in _head_chunks(hq, key.shape[1], n_plain, group_size):
-                for batch in _batches(length, group_size, shift):
-                    piece, lse = flash_fwd(_pieces(query, bi, h0, h1, *batch), _pieces(key, bi, kv0, kv1, *batch),
-                                           _pieces(value, bi, kv0, kv1, *batch),
-                                           0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
-                    _pieces(out, bi, h0, h1, *batch).copy_(piece)
-                    del piece  # one piece's output alive at a time
-                    plan.append((bi, h0, h1, kv0, kv1, batch))
-                    lses.append(lse)
-        ctx.plan, ctx.scale, ctx.output_reused = plan, scale, False
-        ctx.save_for_backward(query, key, value, out, *lses)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        _, flash_bwd = _cpu_flash_ops()
-        if ctx.output_reused:
-            raise RuntimeError(
-                "S2-Attn's backward ran twice over one graph (retain_graph=True): its first backward wrote the "
-                "gradient over the saved attention output to save memory. Set longlora.attention.REUSE_OUTPUT_MEMORY "
-                "= False before the forward to keep it.")
-        query, key, value, out, *lses = ctx.saved_tensors
-        # every (row, head, token) of dq is written once (pieces partition them); dk/dv accumulate over head blocks
-        ctx.output_reused = REUSE_OUTPUT_MEMORY and out.stride() == query.stride() and _output_is_private(out)
-        dq = out if ctx.output_reused else torch.empty_like(query)
-        # same strides as the inputs, so that autograd hands them over without a copy
-        dk, dv = torch.zeros_like(key), torch.zeros_like(value)
-        threads = _kernel_threads()
-        for (bi, h0, h1, kv0, kv1, batch), lse in zip(ctx.plan, lses):
-            q, o, go, gq = (_pieces(x, bi, h0, h1, *batch) for x in (query, out, grad_out, dq))  # (n, H, seg, D)
-            k, v, gk, gv = (_pieces(x, bi, kv0, kv1, *batch) for x in (key, value, dk, dv))  # (n, Hkv, seg, D)
-            _, seg_len, count, _ = batch
-            tile = max(_BWD_MIN_TILE, -(-seg_len // _BWD_SPLITS))
-            for g, heads, kv_heads, rep in _backward_calls(count, h1 - h0, kv1 - kv0, threads):
-                for i0 in range(0, seg_len, tile):
-                    rows = slice(i0, min(i0 + tile, seg_len))
-                    row_dq = None
-                    for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
-                        cols = slice(j0, min(j0 + tile, seg_len))
-                        # rep > 1: one key/value head seen as `rep` query heads (stride 0, no copy)
-                        kt, vt = (x[g, kv_heads, cols] if rep == 1 else x[g, kv_heads, cols].expand(-1, rep, -1, -1)
-                                  for x in (k, v))
-                        tq, tk, tv = flash_bwd(go[g, heads, rows], q[g, heads, rows], kt, vt, o[g, heads, rows],
-                                               lse[g, heads, rows], 0.0, j0 == i0, scale=ctx.scale)
-                        row_dq = tq if row_dq is None else row_dq.add_(tq)
-                        gk[g, kv_heads, cols] += tk if rep == 1 else tk.sum(1, keepdim=True)
-                        gv[g, kv_heads, cols] += tv if rep == 1 else tv.sum(1, keepdim=True)
-                        del tq, tk, tv
-                    gq[g, heads, rows].copy_(row_dq)  # these output rows are no longer read: safe to overwrite
-                    del row_dq
-        return dq, dk, dv, None, None, None
-
-
-# Write dq over the saved output in _S2FlashCPU's backward when nothing else can see that output (see below).
-REUSE_OUTPUT_MEMORY = True
-
-
-def _storage_use_count(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-class _UseCountProbe(torch.autograd.Function):
-    """Records, in backward, the use count of its saved output's storage (calibration for _output_is_private)."""
-
-    counts: list[int] = []
-
-    @staticmethod
-    def forward(ctx, x):
-        out = x.detach().clone()
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        _UseCountProbe.counts.append(_storage_use_count(out))
-        return grad
-
-
-def _calibrate_private_use_count() -> int | None:
-    """The use count a saved output's storage has in backward when only autograd holds it; None if undetectable.
-
-    Measured with this torch rather than assumed: once with the output dropped, once with it held by the caller.
-    The counts must differ, or the reuse is never done. Run once, at import (no saved-tensor hooks active then).
-    """
-    if not hasattr(torch._C, "_storage_Use_Count"):
-        return None
+@contextlib.contextmanager
+def use_backend(backend: str = "auto", *, reuse_output_memory: bool | None = None):
+    """`with use_backend("sdpa"): ...`: set_backend for the block, the previous configuration restored after."""
+    saved = (_DEFAULT_BACKEND, REUSE_OUTPUT_MEMORY)
+    set_backend(backend, reuse_output_memory=reuse_output_memory)
     try:
-        _UseCountProbe.counts = []
-        x = torch.zeros(2, requires_grad=True)
-        with torch.enable_grad():
-            _UseCountProbe.apply(x).sum().backward()  # output dropped
-            held = _UseCountProbe.apply(x)
-            held.sum().backward()  # output held by the caller
-        dropped, kept = _UseCountProbe.counts
-    except Exception:  # any surprise in the private API: never reuse
-        return None
-    return dropped if kept > dropped else None
+        yield
+    finally:
+        set_backend(saved[0], reuse_output_memory=saved[1])
 
 
-_PRIVATE_USE_COUNT = _calibrate_private_use_count()
+def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
+                    group_size: int, *, backend: str = "auto", dropout: float = 0.0,
+                    sliding_window: int | None = None, scale: float | None = None) -> str:
+    """The path s2_attention takes for these inputs: "sdpa", "cpu", "varlen" or "flash" (the rule in the module
+    docstring). Raises a ValueError when an explicitly asked-for "varlen" cannot run on them."""
+    # imported here: the backend modules build on this one
+    from .attention_cpu import cpu_flash_applies
+    from .attention_varlen import check_varlen, varlen_applies
 
-
-def _output_is_private(out: torch.Tensor) -> bool:
-    """Whether no tensor outside this backward shares the saved output's storage (so overwriting it is invisible).
-
-    The caller's output tensor, a view of it saved by a later op (retain_graph) or a saved-tensor hook's copy all
-    raise the storage's use count above the calibrated private count; then the output is left alone.
-    """
-    return _PRIVATE_USE_COUNT is not None and _storage_use_count(out) <= _PRIVATE_USE_COUNT
-
-
-def _use_cpu_flash(query, key, value, layout, dropout, sliding_window, group_size) -> bool:
-    """Whether the regular CPU case can take _S2FlashCPU (else the autograd-composed SDPA path)."""
-    return (layout.regular and query.device.type == "cpu" and query.dtype in _CPU_FLASH_DTYPES
-            and key.dtype == value.dtype == query.dtype and value.shape[-1] == query.shape[-1]
-            and all(x.stride(-1) == 1 for x in (query, key, value)) and dropout == 0.0
-            and (sliding_window is None or sliding_window >= group_size) and _cpu_flash_ops() is not None)
+    if backend == "auto":
+        backend = _DEFAULT_BACKEND
+    cpu_ok = cpu_flash_applies(query, key, value, layout, dropout, sliding_window, group_size)
+    if backend == "auto":
+        if query.device.type == "cpu":
+            return "cpu" if cpu_ok else "sdpa"
+        if varlen_applies(query, dropout, sliding_window, group_size, scale):
+            return "varlen"
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        return "flash" if query.is_cuda and half and flash_available() else "sdpa"
+    if backend == "cpu":
+        return "cpu" if cpu_ok else "sdpa"
+    if backend == "varlen":
+        check_varlen(query, dropout, sliding_window, group_size, scale)
+    if backend == "flash":
+        _import_flash()  # ImportError with the install hint when the package is missing
+        if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+            raise ValueError(f"backend='flash' needs CUDA tensors in fp16/bf16 (got {query.dtype} on "
+                             f"{query.device}); use backend='auto'.")
+    return backend
 
 
 def _sdpa_causal(q, k, v, hq, hk, scale, dropout, sliding_window):
@@ -438,15 +347,18 @@ def _flash_segments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    segs: Segments,
+    layout: TokenLayout,
+    group_size: int,
+    shift: int,
     scale: float | None,
     dropout: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """Causal attention inside each segment with flash-attn's varlen kernel (segments are contiguous in token order)."""
+    from .attention_varlen import segment_cu_seqlens  # the same cu_seqlens, cached on the layout
+
     flash_attn_varlen_func = _import_flash()
-    cu = F.pad(segs.lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (S+1,)
-    max_len = int(segs.lengths.max())
+    cu, max_len = segment_cu_seqlens(layout, group_size, shift)  # (S+1,) int32, a bound on segment length
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     return flash_attn_varlen_func(
         q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale, causal=True, window_size=window
@@ -523,23 +435,31 @@ def s2_attention(
     group_size//2 (all heads plain when shift=False, the paper's "no shift" ablation). `attention_mask` (B, L) marks
     real tokens (left or right padding; padded outputs are 0); `position_ids` restarting at 0 mark packed documents.
     `sliding_window` additionally limits each query to the last `sliding_window` keys (Mistral/Qwen2 style).
-    backend: "sdpa", "flash" (flash-attn varlen, CUDA) or "auto" (flash when installed and on CUDA).
+    backend: "auto" (the process default of set_backend / use_backend, itself "auto" unless set: the fastest path for
+    the device), "sdpa", "cpu", "varlen" or "flash"; see the module docstring.
     `layout` may pass a precomputed `token_layout(...)` (shared by every layer of a forward pass).
     """
     _check_inputs(query, key, value, group_size, attention_mask, position_ids, backend)
     b, hq, length, _ = query.shape
     hk = key.shape[1]
-    if backend == "auto":
-        backend = "flash" if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_available() \
-            else "sdpa"
-    if layout is None:
+    if layout is None and attention_mask is None and position_ids is None:
+        layout = _regular_layout(b, length, query.device)
+    elif layout is None:
         layout = token_layout(b, length, query.device, attention_mask, position_ids)
     if layout.index.numel() == 0:  # nothing but padding
         return query.new_zeros(b, length, hq, value.shape[-1]).transpose(1, 2)
     # Half the heads shifted by G/2 (paper section 3.2); all plain for the no-shift ablation.
     n_plain = hq // 2 if shift else hq
-    if backend == "sdpa" and _use_cpu_flash(query, key, value, layout, dropout, sliding_window, group_size):
-        return _S2FlashCPU.apply(query, key, value, group_size, n_plain, scale)
+    backend = resolve_backend(query, key, value, layout, group_size, backend=backend, dropout=dropout,
+                              sliding_window=sliding_window, scale=scale)
+    if backend == "cpu":
+        from .attention_cpu import s2_cpu_flash
+
+        return s2_cpu_flash(query, key, value, group_size, n_plain, scale, REUSE_OUTPUT_MEMORY)
+    if backend == "varlen":
+        from .attention_varlen import s2_varlen
+
+        return s2_varlen(query, key, value, layout, group_size, n_plain, scale, sliding_window)
 
     # tokens-first views: the model's q/k/v are usually transposes of (B, L, H, D), so this costs no copy
     q_tok = query.transpose(1, 2).reshape(b * length, hq, -1)  # (B*L, Hq, D)
@@ -562,8 +482,7 @@ def s2_attention(
     pieces = []
     for (h0, h1, shift_by), qh, kh, vh in zip(halves, q_halves, k_halves, v_halves):
         if backend == "flash":
-            pieces.append(_flash_segments(qh, kh, vh, group_segments(layout, group_size, shift_by), scale, dropout,
-                                          sliding_window))
+            pieces.append(_flash_segments(qh, kh, vh, layout, group_size, shift_by, scale, dropout, sliding_window))
         elif layout.regular:
             rows = (b, length)
             pieces.append(_sdpa_regular(qh.view(*rows, *qh.shape[1:]), kh.view(*rows, *kh.shape[1:]),
@@ -590,7 +509,7 @@ def s2_dense_mask(
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """The S2 pattern as a dense (B, H, L, L) boolean mask, straight from the definition in LONGLORA.md.
+    """The S2 pattern as a dense (B, H, L, L) boolean mask, straight from the definition in docs/method.md.
 
     Quadratic in memory: for tests and the naive baseline of the benchmarks only.
     """

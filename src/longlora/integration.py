@@ -34,7 +34,7 @@ class S2Settings:
     shift: bool = True
     """Shift half of the heads by group_size/2; False gives the paper's no-shift ablation ("short" attention)."""
     backend: str = "auto"
-    """sdpa | flash (flash-attn varlen, CUDA) | auto."""
+    """auto | sdpa | cpu | varlen | flash: see longlora.attention (auto: the fastest correct path on the device)."""
     in_eval: bool = False
     """Also use S2 in eval mode (the paper's "test w/o full attention" column); no KV cache then, so no generation."""
 
@@ -63,8 +63,12 @@ _UNSUPPORTED_FEATURES = {
 }
 
 
-# True while an S2 model runs a forward in which its attention layers use S2 (set by a forward pre-hook).
+# True while an S2 model runs a forward in which its attention layers use S2 (set by a forward pre-hook, reset with
+# its token by a forward hook that runs even when the forward raises).
 _S2_FORWARD = contextvars.ContextVar("longlora_s2_forward", default=False)
+# Whether the caller of that forward passed position_ids (else the model numbers tokens 0..L-1 itself).
+_POSITIONS_GIVEN = contextvars.ContextVar("longlora_positions_given", default=True)
+_LAYOUTS = "_longlora_layouts"  # attribute of a forward's mask (or position_ids) tensor: the layouts read off it
 _COMPACT = "_longlora_compact_layout"  # attribute marking s2_mask's (B, 1, 1, 2L) masks
 
 
@@ -134,6 +138,35 @@ def _layout_from_mask(mask: torch.Tensor | None, position_ids: torch.Tensor | No
                         doc_boundaries=boundaries)
 
 
+def _forward_layout(mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
+                    device: torch.device):
+    """The layout of this forward's tokens, built once for every layer of the forward.
+
+    Kept on the tensor it is read from (the mask, else position_ids), so it lives exactly as long as the forward's
+    inputs, and the gradient-checkpoint recompute in backward (same tensors, no forward hook active) finds it too.
+    In an S2 forward the mask came from s2_mask, which returns None when no token is padding and none starts a
+    packed document that transformers detected; it does not look for packing when a KV cache is passed, so
+    position_ids given by the caller are read once per forward (one host-device sync). Without them (the model
+    numbers the tokens itself) the layout is the regular one, known without reading any tensor: no sync.
+    """
+    holder = mask if mask is not None else position_ids
+    if holder is None:  # no mask and no positions: the regular layout, a few aranges
+        return _layout_from_mask(None, None, batch, length, device)
+    layouts = getattr(holder, _LAYOUTS, None)
+    if layouts is None:
+        layouts = {}
+        setattr(holder, _LAYOUTS, layouts)
+    # the tensor's version counter in every key: a tensor changed in place is read again
+    regular = ("regular", holder._version, batch, length, str(device))
+    if mask is None and (regular in layouts or (_S2_FORWARD.get() and not _POSITIONS_GIVEN.get())):
+        key, args = regular, (None, None)
+    else:
+        key, args = (mask is None, holder._version, batch, length, str(device)), (mask, position_ids)
+    if key not in layouts:
+        layouts[key] = _layout_from_mask(*args, batch, length, device)
+    return layouts[key]
+
+
 def s2_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -168,7 +201,7 @@ def s2_attention_forward(
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and position_ids.shape[-1] != length:
         position_ids = None
-    layout = _layout_from_mask(attention_mask, position_ids, b, length, query.device)
+    layout = _forward_layout(attention_mask, position_ids, b, length, query.device)
     out = s2_attention(
         query, key, value, settings.group_size_for(length),
         shift=settings.shift, scale=scaling, dropout=dropout, sliding_window=kwargs.get("sliding_window"),
@@ -230,13 +263,19 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
         module.s2_settings = settings
     _remove_forward_hooks(base)
 
-    def entering(module, args):  # tells s2_mask whether this forward's layers run S2
-        _S2_FORWARD.set(module.training or settings.in_eval)
+    tokens = []  # the context variables' tokens of each forward in progress (a stack: forwards may nest)
 
-    def leaving(module, args, output):
-        _S2_FORWARD.set(False)
+    def entering(module, args, kwargs):  # tells s2_mask whether this forward's layers run S2
+        given = kwargs.get("position_ids") is not None or len(args) > 2  # forward(input_ids, attention_mask, positions)
+        tokens.append((_S2_FORWARD.set(module.training or settings.in_eval), _POSITIONS_GIVEN.set(given)))
 
-    base._longlora_hooks = (base.register_forward_pre_hook(entering), base.register_forward_hook(leaving))
+    def leaving(module, args, output):  # always_call: also when the forward raised
+        flag, given = tokens.pop()
+        _POSITIONS_GIVEN.reset(given)
+        _S2_FORWARD.reset(flag)
+
+    base._longlora_hooks = (base.register_forward_pre_hook(entering, with_kwargs=True),
+                            base.register_forward_hook(leaving, always_call=True))
     return model
 
 

@@ -1,0 +1,147 @@
+"""Timing and peak-memory tools shared by the benchmark scripts (imported as `_measure`: a script's own folder is
+first on sys.path when it runs as `python benchmarks/<script>.py`).
+
+Peak memory: CUDA's allocator peak on GPU; on CPU, the peak of bytes held by tensors, tracked by a TorchDispatchMode
+that counts every tensor allocated (inputs excluded) until its storage is freed.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (CPU-friendly stand-in for max_memory_allocated)."""
+
+    def __init__(self, exclude: tuple[torch.Tensor, ...] = ()):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        # storages of the inputs: views of them (a transpose, a slice) are not new memory
+        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(_ref, key=key, size=size):
+            self._seen.discard(key)
+            self.live -= size
+
+        weakref.finalize(storage, release, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def make_inputs(length, heads, kv_heads, head_dim, device, dtype, seed=0, batch=1):
+    """Random q/k/v in the model's layout: (B, L, H, D) projections transposed to (B, H, L, D)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(batch, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(batch, length, kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+    return q, k, v
+
+
+def full_attention(q, k, v):
+    """Full causal SDPA, GQA without repeating K/V: the baseline every table compares against."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def measure(fn, q, k, v, repeats, keep_output=False):
+    """Median fwd+bwd seconds and peak memory (bytes) of fn(q, k, v).sum().backward().
+
+    As in a model (the attention output feeds o_proj and is not kept), nothing holds the output during backward,
+    unless keep_output: then the caller keeps it, which stops S2 from writing dq over its saved output.
+    """
+
+    def step():
+        if keep_output:
+            kept = fn(q, k, v)
+            kept.float().sum().backward()
+            del kept
+        else:
+            fn(q, k, v).float().sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    return time_and_peak(step, q.device, repeats, exclude=(q, k, v))
+
+
+def peak_only(fn, q, k, v, keep_output=False):
+    """Peak memory (bytes) of one fwd+bwd of fn (no timing)."""
+    return measure(fn, q, k, v, 0, keep_output)[1]
+
+
+def time_and_peak(step, device, repeats, exclude=(), warmup=1):
+    """Median seconds of `step()` over `repeats` runs after `warmup` runs, and the peak bytes of one more run."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakTensorMemory(exclude=exclude) as tracker:
+            step()
+        peak = tracker.peak
+    return (sorted(times)[len(times) // 2] if times else float("nan")), peak
+
+
+def group_size_for(length: int, ratio: float = 0.25) -> int:
+    """The group size the library uses for a length (S2Settings.group_size_for: ratio x L, even)."""
+    from longlora.integration import S2Settings
+
+    return S2Settings(group_size_ratio=ratio).group_size_for(length)
+
+
+def add_shape_arguments(parser, lengths: str) -> None:
+    """The options every op benchmark shares: lengths, attention shape, group ratio, device, dtype."""
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--group-ratio", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from longlora.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,289 @@
+"""S2-Attn on CUDA through torch's own variable-length flash kernels (`torch.nn.attention.varlen`, no extra package).
+
+Every S2 group is a causal segment, so each head half is one varlen call over the whole batch: plain heads with
+cu_seqlens 0, G, 2G, ..., shifted heads with 0, G/2, 3G/2, ..., L (per row, rows after one another). In the regular
+layout (no padding, no packing) q/k/v are the model's tensors seen token-first, (B*L, H, D) views sliced by head (no
+roll, no cat, no K/V copy: grouped-query attention stays unrepeated where torch has `enable_gqa`), and each call
+writes into its head slice of one preallocated output (`varlen_attn_out`, where this torch has it). cu_seqlens of the
+regular layout are built from Python integers once per (batch, length, group, shift, device) and cached, so a call
+reads no tensor on the host (no host-device synchronisation). With padding or packed documents, cu_seqlens come from
+the token layout's segments (cut once per layout and cached on it); the real tokens are gathered first.
+
+The backward runs torch's varlen backward op per head half into one dq/dk/dv. Where this torch lacks what the fast
+path needs (the out variant, the logsumexp, the backward op with the expected schema) it degrades: the output is
+copied into its slice, or the backward recomputes the half through torch's differentiable `varlen_attn`.
+
+The kernel is one object, `KERNEL` (forward and backward per head half). Tests on CPU, where torch's flash kernels do
+not run, set it to a per-segment reference (tests/test_attention_varlen.py); everything around the kernel
+(cu_seqlens, head halves, output slices, GQA, padding, packing, gradients) is then checked against a dense reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Segments, TokenLayout, group_segments, head_blocks
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _varlen_module():
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return None
+    return varlen if hasattr(varlen, "varlen_attn") else None
+
+
+class TorchVarlenKernel:
+    """torch's flash varlen kernels, called the way this torch's signature allows (read once with inspect)."""
+
+    def __init__(self):
+        self._features = None
+
+    @property
+    def features(self) -> dict:
+        if self._features is None:
+            varlen = _varlen_module()
+            params = set(inspect.signature(varlen.varlen_attn).parameters) if varlen else set()
+            self._features = dict(
+                available=varlen is not None,
+                window="window_size" in params,  # torch >= 2.11; 2.10 had is_causal only
+                gqa="enable_gqa" in params,
+                scale="scale" in params,
+                aux="return_aux" in params,
+                out=varlen is not None and hasattr(varlen, "varlen_attn_out"),
+                backward=_backward_op_matches(),
+            )
+        return self._features
+
+    def supports(self, sliding_window: int | None, group_size: int) -> bool:
+        f = self.features
+        return f["available"] and (f["window"] or sliding_window is None or sliding_window >= group_size)
+
+    def applies(self, query: torch.Tensor, sliding_window: int | None, group_size: int,
+                scale: float | None = None) -> bool:
+        """CUDA fp16/bf16 on an Ampere or newer GPU, and what this torch's signature can express."""
+        default_scale = scale is None or abs(scale - query.shape[-1] ** -0.5) < 1e-12
+        return (query.is_cuda and query.dtype in HALF_DTYPES and self.supports(sliding_window, group_size)
+                and (self.features["scale"] or default_scale) and _capability(query.device.index or 0) >= (8, 0))
+
+    def _kwargs(self, scale, window):
+        f = self.features
+        kw = {"scale": scale} if f["scale"] else {}  # without the argument: the default 1/sqrt(D) (see applies)
+        if f["window"]:
+            kw["window_size"] = window
+        else:
+            kw["is_causal"] = True
+        return kw
+
+    def _kv(self, q, k, v):
+        """K/V as the kernel takes them: unrepeated with enable_gqa, else repeated to the query heads."""
+        rep = q.shape[1] // k.shape[1]
+        if rep == 1:
+            return k, v, {}
+        if self.features["gqa"]:
+            return k, v, {"enable_gqa": True}
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}  # (N, Hq, D)
+
+    def forward(self, out, q, k, v, cu, max_len, scale, window):
+        """Causal attention per segment of q (N, h, D) over k/v (N, hk, D), written into out (N, h, D); returns the
+        logsumexp (h, N) float32, or None where this torch does not return it."""
+        varlen = _varlen_module()
+        kw = self._kwargs(scale, window)
+        k, v, gqa = self._kv(q, k, v)
+        kw.update(gqa)
+        aux = {"return_aux": varlen.AuxRequest(lse=True)} if self.features["aux"] else {}
+        if self.features["out"] and self.features["window"]:
+            try:
+                result = varlen.varlen_attn_out(out, q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+                return result[1] if aux else None
+            except RuntimeError:  # e.g. a cuDNN build without the out variant: allocate and copy from now on
+                self._features["out"] = False
+        try:
+            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+        except RuntimeError:
+            if not gqa:
+                raise
+            # a kernel without GQA (torch's cuDNN varlen path): repeat K/V from now on, forward and backward alike
+            self._features["gqa"] = False
+            k, v, _ = self._kv(q, k, v)
+            kw.pop("enable_gqa")
+            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+        piece, lse = result if aux else (result, None)
+        out.copy_(piece)
+        return lse
+
+    def backward(self, grad_out, q, k, v, out, lse, cu, max_len, scale, window):
+        """(dq, dk, dv) of one head half; dk/dv have k/v's (unrepeated) heads."""
+        rep = q.shape[1] // k.shape[1]
+        if lse is not None and self.features["backward"] and self.features["window"]:
+            kk, vv, _ = self._kv(q, k, v)
+            rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: the state is unused
+            dq, dk, dv = torch.ops.torch_attn._varlen_attn_backward(
+                grad_out, q, kk, vv, out, lse, cu, cu, max_len, max_len, window == (-1, 0), rng, scale, list(window))
+        else:  # recompute this half through the differentiable public function
+            varlen = _varlen_module()
+            kw = self._kwargs(scale, window)
+            with torch.enable_grad():
+                qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+                k2, v2, gqa = self._kv(qq, kk, vv)
+                res = varlen.varlen_attn(qq, k2, v2, cu, cu, max_len, max_len, **kw, **gqa)
+                dq, dk, dv = torch.autograd.grad(res, (qq, kk, vv), grad_out)
+            return dq, dk, dv
+        if dk.shape[1] != k.shape[1]:  # K/V were repeated for the kernel: sum each key/value head's copies
+            dk, dv = (x.unflatten(1, (k.shape[1], rep)).sum(2) for x in (dk, dv))
+        return dq, dk, dv
+
+
+def _backward_op_matches() -> bool:
+    """Whether torch's private varlen backward op exists with the argument list this module passes."""
+    try:
+        schema = torch.ops.torch_attn._varlen_attn_backward.default._schema
+    except (AttributeError, RuntimeError):
+        return False
+    names = [a.name for a in schema.arguments]
+    return names[:14] == ["grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k", "max_q",
+                          "max_k", "is_causal", "rng_state", "scale", "window_size"]
+
+
+KERNEL = TorchVarlenKernel()
+"""The kernel every varlen call uses: an object with forward(out, q, k, v, cu, max_len, scale, window) -> lse and
+backward(grad_out, q, k, v, out, lse, cu, max_len, scale, window) -> (dq, dk, dv). Replace it to test on CPU."""
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def varlen_applies(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
+                   scale: float | None = None) -> bool:
+    """Whether backend "auto" may take this path: CUDA fp16/bf16 on an Ampere or newer GPU, no dropout, torch with
+    varlen (and its window argument where a sliding window bites)."""
+    if dropout != 0.0:
+        return False
+    if not hasattr(KERNEL, "applies"):  # an injected kernel runs wherever it was written for
+        return True
+    return KERNEL.applies(query, sliding_window, group_size, scale)
+
+
+def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
+                 scale: float | None = None) -> None:
+    """Raise a clear ValueError when backend="varlen" was asked for where it cannot run."""
+    if varlen_applies(query, dropout, sliding_window, group_size, scale):
+        return
+    if dropout:
+        raise ValueError("backend='varlen' has no attention dropout; use backend='sdpa' (or 'auto') with dropout.")
+    if isinstance(KERNEL, TorchVarlenKernel) and not KERNEL.features["available"]:
+        raise ValueError(f"backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10; this is "
+                         f"{torch.__version__}); use backend='auto'.")
+    if isinstance(KERNEL, TorchVarlenKernel) and not (query.is_cuda and query.dtype in HALF_DTYPES):
+        raise ValueError(f"backend='varlen' runs torch's flash kernels: CUDA tensors in fp16/bf16 (got {query.dtype} "
+                         f"on {query.device}); use backend='auto'.")
+    raise ValueError("backend='varlen' cannot run here (a GPU older than Ampere, or a sliding window or scale this "
+                     "torch's varlen_attn cannot take); use backend='auto'.")
+
+
+_REGULAR_CU: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+
+def regular_cu_seqlens(batch: int, length: int, group_size: int, shift: int, device: torch.device):
+    """cu_seqlens (int32, on device) and the longest segment of a regular layout: rows after one another, each cut
+    at 0, G, 2G, ... (shift 0) or 0, G/2, 3G/2, ..., L (shift G/2). Built from integers once, then cached."""
+    key = (batch, length, group_size, shift, str(device))
+    if key not in _REGULAR_CU:
+        if len(_REGULAR_CU) >= 256:  # many distinct shapes (variable-length batches): start over
+            _REGULAR_CU.clear()
+        row = [0] + list(range(shift or group_size, length, group_size)) + [length]
+        bounds = [b * length + x for b in range(batch) for x in row[:-1]] + [batch * length]
+        host = torch.tensor(bounds, dtype=torch.int32)
+        if device.type == "cuda":  # pinned + non_blocking: the copy does not block the host
+            cu = host.pin_memory().to(device, non_blocking=True)
+        else:
+            cu = host.to(device)
+        _REGULAR_CU[key] = (cu, max(z - a for a, z in zip(row[:-1], row[1:])))
+    return _REGULAR_CU[key]
+
+
+def segment_cu_seqlens(layout: TokenLayout, group_size: int, shift: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens of a layout's segments (padding and packed documents), cached on the layout. The longest segment
+    is bounded by G, passed as the kernel's maximum without reading the lengths on the host."""
+    key = ("cu_seqlens", group_size, shift)
+    if key not in layout.cache:
+        segs: Segments = group_segments(layout, group_size, shift)
+        cu = F.pad(segs.lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (S+1,)
+        layout.cache[key] = (cu, min(group_size, layout.length))
+    return layout.cache[key]
+
+
+class _S2Varlen(torch.autograd.Function):
+    """One kernel call per head block into one output; the backward writes one dq and accumulates dk/dv."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, scale, window, kernel):
+        # q (N, Hq, D), k/v (N, Hkv, D); blocks: (h0, h1, kv0, kv1, cu_seqlens, max_len)
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])  # (N, Hq, D)
+        lses = []
+        for h0, h1, kv0, kv1, cu, max_len in blocks:
+            lses.append(kernel.forward(out[:, h0:h1], q[:, h0:h1], k[:, kv0:kv1], v[:, kv0:kv1], cu, max_len, scale,
+                                       window))
+        ctx.blocks, ctx.scale, ctx.window, ctx.kernel = blocks, scale, window, kernel
+        ctx.has_lse = [x is not None for x in lses]
+        ctx.save_for_backward(q, k, v, out, *(x for x in lses if x is not None))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, *saved = ctx.saved_tensors
+        lses = iter(saved)
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq = torch.empty_like(q)
+        kv_ranges = [(b[2], b[3]) for b in ctx.blocks]
+        disjoint = len(set(kv_ranges)) == len(kv_ranges) and all(
+            a1 <= b0 or b1 <= a0 for i, (a0, a1) in enumerate(kv_ranges) for (b0, b1) in kv_ranges[i + 1:])
+        dk, dv = (torch.empty_like(x) if disjoint else torch.zeros_like(x) for x in (k, v))
+        for (h0, h1, kv0, kv1, cu, max_len), has_lse in zip(ctx.blocks, ctx.has_lse):
+            lse = next(lses) if has_lse else None
+            gq, gk, gv = ctx.kernel.backward(grad_out[:, h0:h1], q[:, h0:h1], k[:, kv0:kv1], v[:, kv0:kv1],
+                                             out[:, h0:h1], lse, cu, max_len, ctx.scale, ctx.window)
+            dq[:, h0:h1].copy_(gq)
+            if disjoint:
+                dk[:, kv0:kv1].copy_(gk)
+                dv[:, kv0:kv1].copy_(gv)
+            else:  # a key/value head serves a plain and a shifted block
+                dk[:, kv0:kv1] += gk
+                dv[:, kv0:kv1] += gv
+        return dq, dk, dv, None, None, None, None
+
+
+def s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout, group_size: int,
+              n_plain: int, scale: float | None, sliding_window: int | None) -> torch.Tensor:
+    """S2-Attn through KERNEL. query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, Hq, L, D); padded rows give 0."""
+    b, hq, length, _ = query.shape
+    hk = key.shape[1]
+    # tokens-first views: the model's q/k/v are transposes of (B, L, H, D), so this costs no copy
+    q_tok = query.transpose(1, 2).reshape(b * length, hq, -1)  # (B*L, Hq, D)
+    k_tok = key.transpose(1, 2).reshape(b * length, hk, -1)  # (B*L, Hkv, D)
+    v_tok = value.transpose(1, 2).reshape(b * length, hk, -1)
+    regular = layout.regular
+    if not regular:
+        q_tok, k_tok, v_tok = q_tok[layout.index], k_tok[layout.index], v_tok[layout.index]  # (N, H, D)
+    # a window at least as long as a group never bites inside one
+    window = (sliding_window - 1, 0) if sliding_window is not None and sliding_window < group_size else (-1, 0)
+    blocks = []
+    for h0, h1, kv0, kv1, shift in head_blocks(hq, hk, n_plain, group_size):
+        if regular:
+            cu, max_len = regular_cu_seqlens(b, length, group_size, shift, query.device)
+        else:
+            cu, max_len = segment_cu_seqlens(layout, group_size, shift)
+        blocks.append((h0, h1, kv0, kv1, cu, max_len))
+    out = _S2Varlen.apply(q_tok, k_tok, v_tok, blocks, scale, window, KERNEL)  # (N, Hq, D)
+    if not regular:  # padded positions give 0
+        out = out.new_zeros(b * length, hq, out.shape[-1]).index_put((layout.index,), out)
+    return out.view(b, length, hq, -1).transpose(1, 2)  # (B, Hq, L, D)
