@@ -127,3 +127,51 @@ def test_sharded_loss_and_gradients_equal_one_process(world, halo_groups, span_g
     max_diff = max(r["max_grad_diff"] for r in results)
     print(f"N={world}: {len(results)} cases, max |grad diff| {max_diff:.2e}, "
           f"max |loss diff| {max(r['loss_diff'] for r in results):.2e}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_train_with_sequence_parallel_gives_the_same_adapter(tmp_path):
+    """`longlora train --sequence-parallel 2` on 2 processes = one process on the whole sequence (weights, losses)."""
+    from safetensors.torch import load_file
+
+    from longlora.config import TrainConfig, load_config
+    from longlora.train import run_training
+    from tiny_models import save_tiny_model, stdlib_corpus
+
+    save_tiny_model(tmp_path / "base", "llama")
+    stdlib_corpus(tmp_path / "corpus", n_files=2)
+    # one block per step (the same block every step), gradient checkpointing on (the halo exchange is recomputed)
+    options = dict(model=tmp_path / "base", data=tmp_path / "corpus", context_length=256, max_steps=3,
+                   save_steps=100, per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=3e-3,
+                   warmup_steps=0, logging_steps=1, seed=7, max_blocks=1, packing="documents")
+
+    def args(out, **extra):
+        return [x for k, v in dict(options, output_dir=out, **extra).items()
+                for x in (f"--{k.replace('_', '-')}", str(v))]
+
+    run_training(load_config(TrainConfig, args(tmp_path / "one")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "longlora.cli", "train"] + args(tmp_path / "two", sequence_parallel=2, ddp_backend="gloo")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "sequence parallel: 1 group(s) of 2 ranks" in proc.stdout
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" /
+                                                                              "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-4)
+    one = json.loads((tmp_path / "one" / "train_summary.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())["losses"]
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
+
+
+def test_config_rejects_a_sequence_parallel_size_that_cuts_groups(tmp_path):
+    from longlora.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"valid numbers of ranks here: \[2, 4, 8"):
+        TrainConfig(model="m", data="d", context_length=256, sequence_parallel=3)
+    with pytest.raises(ValueError, match="attention s2 or short"):
+        TrainConfig(model="m", data="d", context_length=256, sequence_parallel=2, attention="full")
+    assert TrainConfig(model="m", data="d", context_length=256, sequence_parallel=8).sequence_parallel == 8

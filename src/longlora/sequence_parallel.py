@@ -28,6 +28,7 @@ Library use (own training loop), on every rank of a process group holding the sa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import group_segments, token_layout
-from .integration import S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward
+from .integration import (
+    S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
+)
 
 SP_ATTENTION = "s2_sp"
 PLAN_KEY = "sp_plan"  # forward kwarg that carries the ChunkPlan down to every attention layer
@@ -120,7 +123,8 @@ class ChunkPlan:
 
 
 def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
-                group_size: int, world: int, rank: int, shift: bool = True, group=None) -> ChunkPlan:
+                group_size: int, world: int, rank: int, shift: bool = True, group=None,
+                device: torch.device | str = "cpu") -> ChunkPlan:
     """The ChunkPlan of `rank` from the global (B, L) padding mask / position ids (restarting per packed document).
 
     Pure function of the layout (no communication): every rank of the group computes the same halo table.
@@ -162,7 +166,7 @@ def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor 
     hi = (rank + 1) * chunk
     seg = torch.stack([segs[0][:, lo:hi], segs[1][:, lo:hi]])  # (2, B, W)
     return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
-                     real=real[:, lo:hi].clone(), seg=seg, reach=reach, group=group)
+                     real=real[:, lo:hi].to(device), seg=seg.to(device), reach=reach, group=group)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +292,9 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
     query (B, Hq, C, D), key/value (B, Hkv, C, D) -> ((B, C, Hq, D), None).
     """
     plan: ChunkPlan | None = kwargs.pop(PLAN_KEY, None)
-    if plan is None or not module.training:
+    if plan is not None and not module.training:
+        raise ValueError("a sharded (sequence-parallel) forward is for training; evaluate on the whole sequence")
+    if plan is None:
         # eval, generation or an unsharded forward: exactly the single-device S2 / SDPA path
         return s2_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                     **kwargs)
@@ -311,9 +317,14 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
     return out.transpose(1, 2), None
 
 
-def _sp_mask(batch_size, q_length, kv_length, *args, **kwargs):
-    """AttentionMaskInterface entry "s2_sp": the layout travels in the ChunkPlan, so no mask is built."""
-    return None
+# True while a model runs a sharded forward (a ChunkPlan among its kwargs; set by a forward pre-hook)
+_SP_FORWARD = contextvars.ContextVar("longlora_sp_forward", default=False)
+
+
+def _sp_mask(*args, **kwargs):
+    """AttentionMaskInterface entry "s2_sp": no mask in a sharded forward (the layout travels in the ChunkPlan;
+    a (C, C) mask would cost C^2 bytes), else "s2_sdpa"'s mask (eval, generation, unsharded training)."""
+    return None if _SP_FORWARD.get() else s2_mask(*args, **kwargs)
 
 
 def register() -> None:
@@ -349,6 +360,17 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
     for module in attention_modules(model):
         module.s2_settings = settings
     base._longlora_sequence_parallel = SequenceParallelSettings(group=group, s2=settings)
+    for handle in getattr(base, "_longlora_sp_hooks", ()):
+        handle.remove()
+
+    def entering(module, args, kwargs):
+        _SP_FORWARD.set(kwargs.get(PLAN_KEY) is not None)
+
+    def leaving(module, args, output):
+        _SP_FORWARD.set(False)
+
+    base._longlora_sp_hooks = (base.register_forward_pre_hook(entering, with_kwargs=True),
+                               base.register_forward_hook(leaving))
     return model
 
 
@@ -379,7 +401,8 @@ def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | Non
     if mask is not None and bool(mask.bool().all()):
         mask = None
     g = settings.s2.group_size_for(length)
-    plan = plan_chunks(mask, position_ids, b, length, g, world, rank, shift=settings.s2.shift, group=group)
+    plan = plan_chunks(mask, position_ids, b, length, g, world, rank, shift=settings.s2.shift, group=group,
+                       device=input_ids.device)
     lo, hi = rank * plan.chunk, (rank + 1) * plan.chunk
     if position_ids is None:  # transformers' default: 0..L-1 whatever the padding
         position_ids = torch.arange(length, device=input_ids.device)[None]
@@ -405,3 +428,71 @@ def sequence_parallel_loss(model, shard: dict, scale: float = 1.0) -> torch.Tens
     total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
                             ignore_index=-100, reduction="sum")
     return total * (scale / max(shard["num_items"], 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer: `longlora train --sequence-parallel N`
+
+
+def data_parallel_groups(size: int):
+    """Split the world into consecutive groups of `size` ranks; returns (this rank's group, its index, count).
+
+    Every rank creates every group (torch.distributed requires it). The group is always a new one, even when it is
+    the whole world, so that the halo exchange never interleaves with DDP's gradient all-reduce on one communicator.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"sequence_parallel={size} must divide the number of processes ({world}); launch a "
+                         f"multiple of {size} processes (torchrun --nproc_per_node ...) or change sequence_parallel")
+    mine = None
+    for d in range(world // size):
+        g = dist.new_group(list(range(d * size, (d + 1) * size)))
+        if d == rank // size:
+            mine = g
+    return mine, rank // size, world // size
+
+
+class SequenceParallelMixin:
+    """Trainer behaviour for sequence parallelism over groups of N ranks (mixed into the project's Trainer).
+
+    - data: the ranks of a group receive the same batches (the data-parallel split is over groups, not ranks);
+    - loss: each rank runs its chunk (`shard_batch`) and returns N x its share of the batch's mean token loss, so
+      that DDP's average over all ranks gives each group's whole-sequence gradient averaged over groups, and the
+      logged loss (the mean over ranks) is the batch's loss. Micro-batches of a gradient-accumulation step weigh
+      equally (each is a mean over its own tokens).
+    """
+
+    sp_size: int = 1
+    sp_index: int = 0
+    sp_groups: int = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = False  # the loss below is a per-micro-batch mean: the Trainer divides by GA
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        shard = getattr(loader, "batch_sampler", None)
+        if self.args.world_size > 1:
+            if not hasattr(shard, "num_processes"):
+                raise ValueError("sequence parallelism needs a map-style dataset (not streaming): set streaming false")
+            shard.num_processes, shard.process_index = self.sp_groups, self.sp_index
+        return loader
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        shard = shard_batch(inputs, self.accelerator.unwrap_model(model))  # the DDP/FSDP wrapper runs the forward
+        loss = sequence_parallel_loss(model, shard, scale=self.sp_size)
+        return (loss, None) if return_outputs else loss
+
+
+def setup_sequence_parallel(model, trainer_cls, size: int, group_size: int | None, group_size_ratio: float,
+                            shift: bool = True):
+    """Groups of `size` ranks, the model's attention switched to "s2_sp", and a Trainer class doing the rest."""
+    group, index, count = data_parallel_groups(size)
+    enable_sequence_parallel(model, group, group_size=group_size, group_size_ratio=group_size_ratio, shift=shift)
+    print(f"sequence parallel: {count} group(s) of {size} ranks; this rank is {dist.get_rank(group)} of group "
+          f"{index}", flush=True)
+    return type("SequenceParallelTrainer", (SequenceParallelMixin, trainer_cls),
+                {"sp_size": size, "sp_index": index, "sp_groups": count})

@@ -321,6 +321,11 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainer_cls = _make_trainer_class()
+    if config.sequence_parallel > 1:  # groups of N ranks share a sequence, each rank holding one chunk
+        from .sequence_parallel import setup_sequence_parallel
+
+        trainer_cls = setup_sequence_parallel(model, trainer_cls, config.sequence_parallel, config.s2_group_size(),
+                                              config.group_size_ratio, shift=config.attention == "s2")
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=callbacks, run_config=config, run_tokenizer=tokenizer)
     started = time.time()
