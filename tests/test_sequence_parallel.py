@@ -130,8 +130,13 @@ def test_sharded_loss_and_gradients_equal_one_process(world, halo_groups, span_g
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
-def test_train_with_sequence_parallel_gives_the_same_adapter(tmp_path):
-    """`longlora train --sequence-parallel 2` on 2 processes = one process on the whole sequence (weights, losses)."""
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_train_with_sequence_parallel_gives_the_same_adapter(tmp_path, nproc):
+    """`longlora train --sequence-parallel 2` = one process on whole sequences (weights, losses).
+
+    2 processes: one group, one block per step. 4 processes: two data-parallel groups (DDP over all 4 ranks), each
+    on its own block, against one process with both blocks in its batch (full blocks: equal token counts).
+    """
     from safetensors.torch import load_file
 
     from longlora.config import TrainConfig, load_config
@@ -141,23 +146,26 @@ def test_train_with_sequence_parallel_gives_the_same_adapter(tmp_path):
     save_tiny_model(tmp_path / "base", "llama")
     stdlib_corpus(tmp_path / "corpus", n_files=2)
     # one block per step (the same block every step), gradient checkpointing on (the halo exchange is recomputed)
+    groups = nproc // 2
     options = dict(model=tmp_path / "base", data=tmp_path / "corpus", context_length=256, max_steps=3,
                    save_steps=100, per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=3e-3,
-                   warmup_steps=0, logging_steps=1, seed=7, max_blocks=1, packing="documents")
+                   warmup_steps=0, logging_steps=1, seed=7, max_blocks=groups,
+                   packing="documents" if groups == 1 else "concat")
 
     def args(out, **extra):
         return [x for k, v in dict(options, output_dir=out, **extra).items()
                 for x in (f"--{k.replace('_', '-')}", str(v))]
 
-    run_training(load_config(TrainConfig, args(tmp_path / "one")))
+    run_training(load_config(TrainConfig, args(tmp_path / "one", per_device_train_batch_size=groups)))
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()),
            "-m", "longlora.cli", "train"] + args(tmp_path / "two", sequence_parallel=2, ddp_backend="gloo")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "sequence parallel: 1 group(s) of 2 ranks" in proc.stdout
-    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" /
-                                                                              "adapter_model.safetensors")
+    assert f"sequence parallel: {groups} group(s) of 2 ranks" in proc.stdout
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-4)
