@@ -13,7 +13,8 @@ query's group holds before the chunk start") is computed from the global layout,
 
 `_HaloExchange` (an autograd Function on torch.distributed point-to-point ops; gloo on CPU, NCCL on GPU) moves those
 keys/values forward and their gradients back. Each rank then runs causal attention of its C queries over
-[halo ; own chunk] keys with a mask built from global segment ids (`_chunk_attention`).
+[halo ; own chunk] keys inside the segments (global document x group) they share, with longlora.attention's
+s2_attention kernels (`_chunk_attention`): no (C, C) mask, memory linear in the window.
 
 Library use (own training loop), on every rank of a process group holding the same full batch:
 
@@ -37,14 +38,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import group_segments, token_layout
+from .attention import TokenLayout, group_segments, s2_attention, token_layout
 from .integration import (
     S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
 )
 
 SP_ATTENTION = "s2_sp"
 PLAN_KEY = "sp_plan"  # forward kwarg that carries the ChunkPlan down to every attention layer
-_QUERY_BLOCK_MIN = 128  # query rows per SDPA call (at least; G when larger): bounds the mask to C x (block + G)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,9 +85,9 @@ class ChunkPlan:
     """One rank's share of a sharded batch: its chunk, its halos and the global segment ids attention needs.
 
     halo[s][h] is how many tokens right before rank s's chunk its half-h queries (h=0 plain, 1 shifted) need; every
-    rank holds the whole table, so every rank knows what to send to whom. `real`, `seg` and `pos` cover the window
-    [rank*chunk - max(halo[rank]), (rank+1)*chunk) of this rank: real tokens, segment id per half (equal ids = same
-    group of the same document) and global position.
+    rank holds the whole table, so every rank knows what to send to whom. `real` and `seg` cover the window
+    [rank*chunk - max(halo[rank]), (rank+1)*chunk) of this rank: real tokens and segment id per half (equal ids = same
+    group of the same document); `layouts` turn them into s2_attention's segments.
     """
 
     rank: int
@@ -97,7 +97,7 @@ class ChunkPlan:
     halo: tuple[tuple[int, int], ...]
     real: torch.Tensor  # (B, W) bool
     seg: torch.Tensor  # (2, B, W) long
-    reach: tuple[int, int]  # per half: most tokens a local query looks back (query - its group's first token + 1)
+    layouts: tuple[TokenLayout, TokenLayout]  # per half: the segments of [halo ; chunk] (see _window_layout)
     group: object = None
 
     @property
@@ -150,23 +150,40 @@ def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor 
         segs.append(seg_id.view(batch, length))
         starts.append(seg_start.view(batch, length))
     real = real.view(batch, length)
-    pos = torch.arange(length)
-    halo, reach = [], (1, 1)
+    halo = []
     for s in range(world):
         lo, hi = s * chunk, (s + 1) * chunk
         need = []
         for h in range(2):
             st = torch.where(real[:, lo:hi], starts[h][:, lo:hi], torch.full_like(starts[h][:, lo:hi], lo))
             need.append(max(0, lo - int(st.min())))
-            if s == rank:
-                back = torch.where(real[:, lo:hi], pos[lo:hi] - starts[h][:, lo:hi] + 1, 1)
-                reach = reach[:h] + (int(back.max()),) + reach[h + 1:]
         halo.append((need[0], need[1]))
     lo = rank * chunk - max(halo[rank])
     hi = (rank + 1) * chunk
     seg = torch.stack([segs[0][:, lo:hi], segs[1][:, lo:hi]])  # (2, B, W)
     return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
-                     real=real[:, lo:hi].to(device), seg=seg.to(device), reach=reach, group=group)
+                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group,
+                     layouts=tuple(_window_layout(real[:, lo:hi][:, -(n + chunk):], seg[h][:, -(n + chunk):],
+                                                  device) for h, n in enumerate(halo[rank])))
+
+
+def _window_layout(real: torch.Tensor, seg: torch.Tensor, device) -> TokenLayout:
+    """A TokenLayout of a (B, n) window in which every segment (run of equal segment ids) is its own "document".
+
+    `s2_attention(..., shift=False, layout=...)` then attends causally inside each segment (a segment never exceeds
+    G tokens, so no group boundary cuts it again): exactly S2 restricted to the window's keys.
+    """
+    b, n = real.shape
+    flat_real = real.reshape(-1)
+    index = flat_real.nonzero().squeeze(1)
+    s = seg.reshape(-1)[index]
+    row = index // n
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[1:] = (s[1:] != s[:-1]) | (row[1:] != row[:-1])
+    ar = torch.arange(s.numel())
+    offset = ar - torch.where(start, ar, torch.zeros_like(ar)).cummax(0).values
+    return TokenLayout(index=index.to(device), doc_start=start.to(device), offset=offset.to(device), batch=b,
+                       length=n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,30 +276,18 @@ class _HaloExchange(torch.autograd.Function):
 # attention of a chunk over [halo ; chunk]
 
 
-def _chunk_attention(q, k, v, seg, real, halo: int, reach: int, scale, dropout, sliding_window, block: int):
-    """Causal attention of the chunk's queries over `halo` earlier keys and the chunk's own keys, restricted to equal
-    segment ids. q (B, Hq, C, D), k/v (B, Hkv, halo+C, D), seg/real (B, W) over the plan window (W >= halo+C,
-    the window's last halo+C entries are these keys) -> (B, Hq, C, D), padded queries 0."""
-    b, hq, c, _ = q.shape
-    n_k = k.shape[2]
-    seg, real = seg[:, -n_k:], real[:, -n_k:]  # (B, halo+C)
-    idx = torch.arange(n_k, device=q.device)
-    outs = []
-    for a in range(0, c, block):
-        z = min(a + block, c)
-        k0 = max(0, halo + a - reach + 1)  # no key of these queries' groups sits earlier
-        qi, ki = idx[halo + a:halo + z], idx[k0:halo + z]
-        allowed = (seg[:, halo + a:halo + z, None] == seg[:, None, k0:halo + z]) & (ki[None, :] <= qi[:, None])
-        allowed &= real[:, None, k0:halo + z]  # (B, T, K)
-        if sliding_window is not None:
-            allowed &= ki[None, :] > qi[:, None] - sliding_window
-        pad_q = ~real[:, halo + a:halo + z]  # (B, T): padded queries attend to everything (then zeroed), never NaN
-        allowed |= pad_q[:, :, None]
-        o = F.scaled_dot_product_attention(q[:, :, a:z], k[:, :, k0:halo + z], v[:, :, k0:halo + z],
-                                           attn_mask=allowed[:, None], dropout_p=dropout, scale=scale,
-                                           enable_gqa=hq != k.shape[1])  # (B, Hq, T, D)
-        outs.append(o.masked_fill(pad_q[:, None, :, None], 0.0))
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+def _chunk_attention(q, k, v, layout: TokenLayout, group_size: int, scale, dropout, sliding_window):
+    """Causal attention of the chunk's queries over [halo ; chunk] keys inside the segments of `layout`.
+
+    q (B, Hq, C, D), k/v (B, Hkv, halo+C, D) -> (B, Hq, C, D). The halo's query rows are zeros: the one segment per
+    row that straddles the chunk start computes (and drops) them, the price of reusing s2_attention's kernels.
+    """
+    b, hq, c, d = q.shape
+    halo = k.shape[2] - c
+    q_all = torch.cat([q.new_zeros(b, hq, halo, d), q], dim=2) if halo else q  # (B, Hq, halo+C, D)
+    out = s2_attention(q_all, k, v, group_size, shift=False, scale=scale, dropout=dropout,
+                       sliding_window=sliding_window, backend="sdpa", layout=layout)  # (B, Hq, halo+C, D)
+    return out[:, :, halo:]
 
 
 def sequence_parallel_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -305,14 +310,12 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
     settings = getattr(module, "s2_settings", None)
     halves = _halves(hq, key.shape[1], settings.shift if settings is not None else True)
     halos = _HaloExchange.apply(key, value, plan, halves)
-    block = min(c, max(_QUERY_BLOCK_MIN, plan.group_size))
     pieces = []
     for i, (q0, q1, kv0, kv1, h) in enumerate(halves):
         k_all = torch.cat([halos[2 * i], key[:, kv0:kv1]], dim=2)  # (B, kv, halo+C, D)
         v_all = torch.cat([halos[2 * i + 1], value[:, kv0:kv1]], dim=2)
-        pieces.append(_chunk_attention(query[:, q0:q1], k_all, v_all, plan.seg[h], plan.real,
-                                       plan.halo[plan.rank][h], plan.reach[h], scaling, dropout,
-                                       kwargs.get("sliding_window"), block))
+        pieces.append(_chunk_attention(query[:, q0:q1], k_all, v_all, plan.layouts[h], plan.group_size, scaling,
+                                       dropout, kwargs.get("sliding_window")))
     out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (B, Hq, C, D)
     return out.transpose(1, 2), None
 
