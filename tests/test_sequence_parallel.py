@@ -183,3 +183,28 @@ def test_config_rejects_a_sequence_parallel_size_that_cuts_groups(tmp_path):
     with pytest.raises(ValueError, match="attention s2 or short"):
         TrainConfig(model="m", data="d", context_length=256, sequence_parallel=2, attention="full")
     assert TrainConfig(model="m", data="d", context_length=256, sequence_parallel=8).sequence_parallel == 8
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/sequence_parallel.py --smoke: tables printed, JSON + PNG written, gloo bytes = dry-run bytes."""
+    out = tmp_path / "sp.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "sequence_parallel.py"), "--smoke",
+                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "S2/ring" in proc.stdout and "peak ratio" in proc.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["bytes"]
+    assert (row["length"], row["ranks"], row["group_size"]) == (65536, 8, 16384)
+    # 7B, N=8 (chunks of 8k, groups of 16k spanning 2 ranks): every rank sends or receives one 8k-token chunk of
+    # half the key/value heads (16 heads x 128 x K,V x bf16) per layer
+    assert row["s2_fwd_max"] == 8192 * 16 * 128 * 2 * 2
+    assert row["ring_fwd"] == 7 * 8192 * 32 * 128 * 2 * 2
+    assert row["s2_over_ring"] <= row["group_over_length"]
+    one, two = data["gloo"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert two["sent_fwd_per_rank"] == two["dry_run_fwd_per_rank"]  # real gloo calls = the dry run's count
+    assert sum(two["sent_bwd_per_rank"]) == sum(two["sent_fwd_per_rank"]) > 0
+    assert 0 < two["peak_ratio_max_rank"] < 1
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -164,16 +164,24 @@ def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor 
     return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
                      real=real[:, lo:hi].to(device), seg=seg.to(device), group=group,
                      layouts=tuple(_window_layout(real[:, lo:hi][:, -(n + chunk):], seg[h][:, -(n + chunk):],
-                                                  device) for h, n in enumerate(halo[rank])))
+                                                  group_size, device) for h, n in enumerate(halo[rank])))
 
 
-def _window_layout(real: torch.Tensor, seg: torch.Tensor, device) -> TokenLayout:
+def _window_layout(real: torch.Tensor, seg: torch.Tensor, group_size: int, device) -> TokenLayout:
     """A TokenLayout of a (B, n) window in which every segment (run of equal segment ids) is its own "document".
 
     `s2_attention(..., shift=False, layout=...)` then attends causally inside each segment (a segment never exceeds
-    G tokens, so no group boundary cuts it again): exactly S2 restricted to the window's keys.
+    G tokens, so no group boundary cuts it again): exactly S2 restricted to the window's keys. Without padding or
+    packing the window's segments are groups of G from its first token (the window starts at a group start): then
+    the layout is s2_attention's regular one, which takes its fused CPU kernels.
     """
     b, n = real.shape
+    boundary = torch.ones(b, n, dtype=torch.bool)
+    boundary[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    groups_from_start = torch.zeros(b, n, dtype=torch.bool)
+    groups_from_start[:, ::group_size] = True
+    if bool(real.all()) and torch.equal(boundary, groups_from_start):
+        return token_layout(b, n, torch.device(device))
     flat_real = real.reshape(-1)
     index = flat_real.nonzero().squeeze(1)
     s = seg.reshape(-1)[index]
@@ -189,19 +197,24 @@ def _window_layout(real: torch.Tensor, seg: torch.Tensor, device) -> TokenLayout
 # ----------------------------------------------------------------------------------------------------------------
 # the exchange: keys/values forward, their gradients backward
 
-_TRAFFIC: list[list] | None = None  # when counting (see count_traffic): (direction, peer, bytes) per message sent
+_TRAFFIC: list | None = None  # when counting (see count_traffic): (direction, peer, bytes) per message sent
+_DRY_RUN = False
 
 
 @contextlib.contextmanager
-def count_traffic():
-    """Record every message the exchange sends: yields a list of (direction, peer, bytes), direction fwd|bwd."""
-    global _TRAFFIC
+def count_traffic(dry_run: bool = False):
+    """Record every message the exchange sends: yields a list of (direction, peer, bytes), direction fwd|bwd.
+
+    dry_run=True posts nothing (received buffers stay uninitialised): with meta tensors, the bytes a run at any
+    shape would send, without the memory or the ranks (benchmarks/sequence_parallel.py).
+    """
+    global _TRAFFIC, _DRY_RUN
     log: list = []
-    previous, _TRAFFIC = _TRAFFIC, log
+    previous, _TRAFFIC, was_dry, _DRY_RUN = _TRAFFIC, log, _DRY_RUN, dry_run
     try:
         yield log
     finally:
-        _TRAFFIC = previous
+        _TRAFFIC, _DRY_RUN = previous, was_dry
 
 
 def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group, direction: str):
@@ -210,8 +223,10 @@ def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torc
     for peer, t in sends:
         if _TRAFFIC is not None:
             _TRAFFIC.append((direction, peer, t.numel() * t.element_size()))
+        if _DRY_RUN:
+            continue
         ops.append(dist.P2POp(dist.isend, t, _global_rank(group, peer), group))
-    for peer, t in recvs:
+    for peer, t in recvs if not _DRY_RUN else ():
         ops.append(dist.P2POp(dist.irecv, t, _global_rank(group, peer), group))
     if ops:
         for req in dist.batch_isend_irecv(ops):
