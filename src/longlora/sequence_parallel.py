@@ -242,29 +242,37 @@ class _HaloExchange(torch.autograd.Function):
     the later ranks that need them). Backward: the gradients of the received keys/values go back to their owners and
     are added to the owners' own key/value gradients.
 
-    key/value (B, Hkv, C, D) -> per half (k_halo, v_halo), each (B, kv1-kv0, halo, D).
+    key/value (B, Hkv, C, D) -> per half the window (k, v), each (B, kv1-kv0, halo+C, D): the halo, then the chunk's
+    own keys/values (a view of the inputs where the half needs no halo). The local keys pass through this Function
+    too, so that every rank's backward reaches it, also a rank that received nothing but must receive gradients.
     """
 
     @staticmethod
     def forward(ctx, key, value, plan, halves):
         ctx.plan, ctx.halves, ctx.shape = plan, halves, key.shape
-        b, _, _, d = key.shape
+        b, _, c, d = key.shape
         sends, recvs, outs = [], [], []
         for _, _, kv0, kv1, h in halves:
             s, r = plan.transfers(h)
             # keys and values of a half travel in one message per peer: (2, B, heads, tokens, D)
             sends += [(peer, torch.stack([key[:, kv0:kv1, a:z], value[:, kv0:kv1, a:z]]).contiguous())
                       for peer, a, z in s]
-            buf = key.new_empty(2, b, kv1 - kv0, plan.halo[plan.rank][h], d)
+            halo = plan.halo[plan.rank][h]
+            if halo == 0:
+                outs += [key[:, kv0:kv1], value[:, kv0:kv1]]
+                continue
+            buf = key.new_empty(2, b, kv1 - kv0, halo + c, d)  # (K|V, B, heads, halo+C, D)
+            buf[0, :, :, halo:] = key[:, kv0:kv1]
+            buf[1, :, :, halo:] = value[:, kv0:kv1]
             recvs += [(peer, buf[:, :, :, a:z]) for peer, a, z in r]
-            outs.append(buf)
+            outs += [buf[0], buf[1]]
         staged = [(peer, t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format))
                   for peer, t in recvs]
         _exchange(sends, staged, plan.group, "fwd")
         for (_, view), (_, t) in zip(recvs, staged):
             if t is not view:
                 view.copy_(t)
-        return tuple(x for buf in outs for x in (buf[0], buf[1]))
+        return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -275,6 +283,9 @@ class _HaloExchange(torch.autograd.Function):
         sends, recvs = [], []
         for i, (_, _, kv0, kv1, h) in enumerate(halves):
             gk, gv = grads[2 * i], grads[2 * i + 1]
+            halo = plan.halo[plan.rank][h]
+            dk[:, kv0:kv1] += gk[:, :, halo:]  # the chunk's own keys/values
+            dv[:, kv0:kv1] += gv[:, :, halo:]
             s, r = plan.transfers(h)
             # the reverse of the forward: what I received goes back to its sender, what I sent comes back
             sends += [(peer, torch.stack([gk[:, :, a:z], gv[:, :, a:z]]).contiguous()) for peer, a, z in r]
@@ -324,15 +335,14 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
                          f"{key.shape[2]} keys (use_cache must be False in training)")
     settings = getattr(module, "s2_settings", None)
     halves = _halves(hq, key.shape[1], settings.shift if settings is not None else True)
-    halos = _HaloExchange.apply(key, value, plan, halves)
+    windows = _HaloExchange.apply(key, value, plan, halves)  # per half: (B, kv, halo+C, D) keys, values
     pieces = []
     for i, (q0, q1, kv0, kv1, h) in enumerate(halves):
-        k_all = torch.cat([halos[2 * i], key[:, kv0:kv1]], dim=2)  # (B, kv, halo+C, D)
-        v_all = torch.cat([halos[2 * i + 1], value[:, kv0:kv1]], dim=2)
-        pieces.append(_chunk_attention(query[:, q0:q1], k_all, v_all, plan.layouts[h], plan.group_size, scaling,
-                                       dropout, kwargs.get("sliding_window")))
-    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # (B, Hq, C, D)
-    return out.transpose(1, 2), None
+        pieces.append(_chunk_attention(query[:, q0:q1], windows[2 * i], windows[2 * i + 1], plan.layouts[h],
+                                       plan.group_size, scaling, dropout, kwargs.get("sliding_window")))
+    # heads-last, as transformers expects: one copy, and the caller's reshape is then a view
+    out = torch.cat([p.transpose(1, 2) for p in pieces], dim=2)  # (B, C, Hq, D)
+    return out, None
 
 
 # True while a model runs a sharded forward (a ChunkPlan among its kwargs; set by a forward pre-hook)
