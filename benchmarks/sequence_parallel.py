@@ -238,7 +238,7 @@ def plot(bytes_rows, gloo_rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_b, ax_m) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax_b, ax_m) = plt.subplots(1, 2, figsize=(12, 5.6))
     worlds = sorted({r["ranks"] for r in bytes_rows})
     for i, world in enumerate(worlds):
         rs = [r for r in bytes_rows if r["ranks"] == world]
@@ -254,7 +254,7 @@ def plot(bytes_rows, gloo_rows, path: Path) -> None:
     ax_b.set_ylabel("MiB sent per layer per rank (forward)")
     ax_b.set_title("Llama-2-7B shapes, bf16")
     ax_b.grid(True, which="both", alpha=0.3)
-    ax_b.legend(fontsize=6, ncol=len(worlds))
+    ax_b.legend(fontsize=6, ncol=len(worlds), loc="upper center", bbox_to_anchor=(0.5, -0.16))
     if gloo_rows:
         ns = [r["ranks"] for r in gloo_rows]
         single = max(gloo_rows[0]["peak_mb_per_rank"])
