@@ -69,6 +69,16 @@ def check_sequence_parallel(length: int, group_size: int, world: int) -> int:
     return chunk
 
 
+def aligned_length(length: int, group_size: int, world: int) -> int:
+    """The shortest length >= `length` whose N chunks are a multiple or a divisor of the group size."""
+    chunk = -(-length // world)
+    if chunk >= group_size:
+        return -(-chunk // group_size) * group_size * world
+    while group_size % chunk:
+        chunk += 1
+    return chunk * world
+
+
 def _halves(num_heads: int, num_kv_heads: int, shift: bool) -> list[tuple[int, int, int, int, int]]:
     """(q0, q1, kv0, kv1, shift_index) per half: query heads [q0, q1) read key/value heads [kv0, kv1)."""
     rep = num_heads // num_kv_heads
@@ -416,7 +426,8 @@ def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | Non
     document) and labels (B, L, unshifted as for the model). Returns input_ids / position_ids of the chunk (global
     positions, so RoPE sees the unsharded positions), `shift_labels` of the chunk (label of the next token, across
     the chunk boundary: the chunk's last token predicts the next chunk's first), the global count of scored tokens
-    `num_items`, and the ChunkPlan under PLAN_KEY.
+    `num_items`, and the ChunkPlan under PLAN_KEY. With a fixed group size, a length that does not split into
+    aligned chunks (SFT batches vary) is right-padded to the shortest one that does.
     """
     settings = _sp_settings(model)
     group = settings.group
@@ -426,6 +437,18 @@ def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | Non
     b, length = input_ids.shape
     mask = batch.get("attention_mask")
     position_ids = batch.get("position_ids")
+    labels = batch.get("labels")
+    if settings.s2.group_size is not None:
+        padded = aligned_length(length, settings.s2.group_size, world)
+        if padded > length:
+            extra = padded - length
+            mask = torch.ones_like(input_ids) if mask is None else mask
+            input_ids, mask = F.pad(input_ids, (0, extra)), F.pad(mask, (0, extra))
+            if position_ids is not None:  # the padding continues the last document (masked out anyway)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(
+                    1, extra + 1, device=position_ids.device)], dim=1)
+            labels = None if labels is None else F.pad(labels, (0, extra), value=-100)
+            length = padded
     if mask is not None and bool(mask.bool().all()):
         mask = None
     g = settings.s2.group_size_for(length)
@@ -436,7 +459,6 @@ def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | Non
         position_ids = torch.arange(length, device=input_ids.device)[None]
     out = {"input_ids": input_ids[:, lo:hi], "position_ids": position_ids.expand(b, length)[:, lo:hi],
            PLAN_KEY: plan}
-    labels = batch.get("labels")
     if labels is not None:
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, L): token t predicts label t+1
         out["shift_labels"] = shifted[:, lo:hi]
