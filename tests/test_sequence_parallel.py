@@ -222,3 +222,43 @@ def test_benchmark_smoke(tmp_path):
     assert sum(two["sent_bwd_per_rank"]) == sum(two["sent_fwd_per_rank"]) > 0
     assert 0 < two["peak_ratio_max_rank"] < 1
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_sft_with_sequence_parallel_and_accumulation_gives_the_same_adapter(tmp_path):
+    """`longlora sft --sequence-parallel 2`: records of different lengths (padded to aligned chunks), two
+    micro-batches per step weighted by their token counts, as in one process."""
+    from safetensors.torch import load_file
+
+    from longlora.config import load_config
+    from longlora.sft import SFTConfig, build_sft_data
+    from longlora.train import run_training
+    from tiny_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "base", "llama")
+    records = [{"instruction": "Summarise the module.", "input": "def add(a, b):\n    return a + b\n" * 6,
+                "output": "It adds."},
+               {"instruction": "Name the language.", "output": "Python."}]
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    options = dict(model=tmp_path / "base", data=tmp_path / "records.jsonl", context_length=256, max_steps=2,
+                   save_steps=100, per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=3e-3,
+                   warmup_steps=0, logging_steps=1, seed=7, packing="documents")
+
+    def args(out, **extra):
+        return [x for k, v in dict(options, output_dir=out, **extra).items()
+                for x in (f"--{k.replace('_', '-')}", str(v))]
+
+    run_training(load_config(SFTConfig, args(tmp_path / "one")), build_data=build_sft_data)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "longlora.cli", "sft"] + args(tmp_path / "two", sequence_parallel=2,
+                                                                  ddp_backend="gloo")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-4)
+    one = json.loads((tmp_path / "one" / "train_summary.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two" / "train_summary.json").read_text())["losses"]
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)

@@ -466,18 +466,20 @@ def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | Non
     return out
 
 
-def sequence_parallel_loss(model, shard: dict, scale: float = 1.0) -> torch.Tensor:
+def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=None) -> torch.Tensor:
     """This rank's share of the mean token loss: sum of its tokens' losses / the group's token count (x `scale`).
 
     Summed over the group's ranks it equals the unsharded model's loss; so do the gradients, once summed over the
     group (pass scale=N when a data-parallel wrapper averages gradients over the group's ranks instead).
+    `num_items` replaces the batch's own token count as the denominator (a count over several micro-batches).
     """
     plan = shard[PLAN_KEY]
     logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False,
                    **{PLAN_KEY: plan}).logits  # (B, C, V)
     total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
                             ignore_index=-100, reduction="sum")
-    return total * (scale / max(shard["num_items"], 1))
+    count = shard["num_items"] if num_items is None else num_items
+    return total * scale / (count if torch.is_tensor(count) else max(count, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,19 +508,17 @@ class SequenceParallelMixin:
     """Trainer behaviour for sequence parallelism over groups of N ranks (mixed into the project's Trainer).
 
     - data: the ranks of a group receive the same batches (the data-parallel split is over groups, not ranks);
-    - loss: each rank runs its chunk (`shard_batch`) and returns N x its share of the batch's mean token loss, so
-      that DDP's average over all ranks gives each group's whole-sequence gradient averaged over groups, and the
-      logged loss (the mean over ranks) is the batch's loss. Micro-batches of a gradient-accumulation step weigh
-      equally (each is a mean over its own tokens).
+    - loss: each rank runs its chunk (`shard_batch`). With the Trainer's token count over the step's micro-batches
+      and all ranks (average_tokens_across_devices, the default; each group's tokens counted N times) a rank returns
+      W x N x its tokens' loss sum / that count: DDP's average over the W ranks then gives the gradient of the
+      step's mean token loss, as one process would, and the logged loss (mean over ranks) is that loss. Without
+      the count: N x its share of each micro-batch's mean (micro-batches weigh equally).
     """
 
     sp_size: int = 1
     sp_index: int = 0
     sp_groups: int = 1
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_is_scaled_for_ga = False  # the loss below is a per-micro-batch mean: the Trainer divides by GA
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -533,7 +533,14 @@ class SequenceParallelMixin:
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         shard = shard_batch(inputs, self.accelerator.unwrap_model(model))  # the DDP/FSDP wrapper runs the forward
-        loss = sequence_parallel_loss(model, shard, scale=self.sp_size)
+        step_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
+        # read by training_step right after: a loss over the step's count is already scaled for accumulation
+        self.loss_is_scaled_for_ga = step_count
+        if step_count:
+            loss = sequence_parallel_loss(model, shard, scale=self.args.world_size * self.sp_size,
+                                          num_items=num_items_in_batch)
+        else:
+            loss = sequence_parallel_loss(model, shard, scale=self.sp_size)
         return (loss, None) if return_outputs else loss
 
 
