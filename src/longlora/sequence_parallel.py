@@ -110,10 +110,6 @@ class ChunkPlan:
     layouts: tuple[TokenLayout, TokenLayout]  # per half: the segments of [halo ; chunk] (see _window_layout)
     group: object = None
 
-    @property
-    def window(self) -> int:
-        return max(self.halo[self.rank])
-
     def transfers(self, half: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """(sends, recvs) of one half: sends (peer, a, b) = my local tokens [a, b) to peer; recvs (peer, a, b) = the
         peer's tokens that fill [a, b) of my halo buffer (halo index 0 = global token rank*chunk - halo)."""
