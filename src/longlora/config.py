@@ -106,6 +106,8 @@ class TrainConfig:
     """Weights dtype when loading: auto | float32 | bfloat16 | float16."""
     overwrite_output_dir: bool = False
     """Allow writing into a non-empty output_dir that holds no resumable run."""
+    sequence_parallel: int = 1
+    """Ranks sharing one sequence (each holds context_length/N tokens; only S2's halo is exchanged); 1 = off."""
     training_args: dict[str, Any] = field(default_factory=dict)
     """Other transformers.TrainingArguments fields, passed through (report_to, deepspeed, fsdp, ...)."""
 
@@ -130,6 +132,14 @@ class TrainConfig:
                      "lora_rank", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel must be >= 1, got {self.sequence_parallel}")
+        if self.sequence_parallel > 1:  # chunks must line up with S2 groups: an early error naming the valid N
+            if self.attention == "full":
+                raise ValueError("sequence_parallel > 1 shards S2-Attn; use attention s2 or short")
+            from .sequence_parallel import check_sequence_parallel
+
+            check_sequence_parallel(self.context_length, self.group_size(), self.sequence_parallel)
         if self.finetune == "full" and self.quantization:
             raise ValueError("quantization (QLoRA) needs a LoRA finetune; use finetune lora_plus or lora")
 

@@ -491,6 +491,11 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
         return _summary(config, original, factor, trainable, state, seconds_before + time.time() - started)
 
     trainer_cls = _make_trainer_class()
+    if config.sequence_parallel > 1:  # groups of N ranks share a sequence, each rank holding one chunk
+        from .sequence_parallel import setup_sequence_parallel
+
+        trainer_cls = setup_sequence_parallel(model, trainer_cls, config.sequence_parallel, config.s2_group_size(),
+                                              config.group_size_ratio, shift=config.attention == "s2")
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=callbacks, run_config=config, run_tokenizer=tokenizer, run_summary=run_summary)
     trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,551 @@
+"""S2-aware sequence parallelism: one sequence split over N ranks, with only S2's halo exchanged.
+
+A sequence of L tokens is cut into N contiguous chunks of C = L/N tokens, rank r holding [rC, (r+1)C). Everything
+in a decoder layer but attention is per token. S2-Attn (half the heads in plain groups of G, half in groups shifted
+by G/2, docs/method.md) lets a query see only keys of its own group, so a rank needs, per half of the heads, only the
+keys/values of the groups its queries belong to that started on earlier ranks:
+- C a multiple of G (chunks hold whole groups): the plain half needs nothing; the shifted half's one group that
+  straddles the chunk start needs the previous rank's last G/2 keys/values of the shifted key/value heads.
+- G a multiple of C (a group spans G/C ranks): a rank needs the chunks of the earlier ranks of its group, and only
+  those (a causal gather inside the group, not a ring over all N ranks).
+With padding or packed documents the groups move with each document's start; the same rule ("every key that a local
+query's group holds before the chunk start") is computed from the global layout, so any layout is exact.
+
+`_HaloExchange` (an autograd Function on torch.distributed point-to-point ops; gloo on CPU, NCCL on GPU) moves those
+keys/values forward and their gradients back. Each rank then runs causal attention of its C queries over
+[halo ; own chunk] keys inside the segments (global document x group) they share, with longlora.attention's
+s2_attention kernels (`_chunk_attention`): no (C, C) mask, memory linear in the window.
+
+Library use (own training loop), on every rank of a process group holding the same full batch:
+
+    enable_sequence_parallel(model, group, group_size=G)  # after LoRA, before the optimizer
+    shard = shard_batch(batch, model)                      # this rank's chunk, global position ids, shifted labels
+    loss = sequence_parallel_loss(model, shard)            # this rank's share: the group's sum = unsharded loss
+    loss.backward()                                        # then all-reduce (sum) gradients over the group
+
+`longlora train --sequence-parallel N` does the same inside the Trainer (`SequenceParallelTrainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import TokenLayout, group_segments, s2_attention, token_layout
+from .integration import (
+    S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
+)
+
+SP_ATTENTION = "s2_sp"
+PLAN_KEY = "sp_plan"  # forward kwarg that carries the ChunkPlan down to every attention layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bookkeeping: which ranks hold which tokens, and which earlier tokens each rank's queries need
+
+
+def valid_world_sizes(length: int, group_size: int) -> list[int]:
+    """Numbers of ranks N that split `length` tokens into chunks holding whole groups or whole fractions of one."""
+    return [n for n in range(1, length + 1) if length % n == 0
+            and ((length // n) % group_size == 0 or group_size % (length // n) == 0)]
+
+
+def check_sequence_parallel(length: int, group_size: int, world: int) -> int:
+    """The chunk length L/N; a ValueError naming the valid N when the chunks would not line up with the groups."""
+    chunk = length // world if length % world == 0 else 0
+    if chunk == 0 or (chunk % group_size and group_size % chunk):
+        valid = [n for n in valid_world_sizes(length, group_size) if n > 1]
+        raise ValueError(
+            f"sequence parallelism over {world} ranks needs the sequence length ({length}) split into equal chunks "
+            f"that are a multiple of the group size ({group_size}) or divide it; valid numbers of ranks here: "
+            f"{valid or 'none'}. Change --sequence-parallel or the context length/group size.")
+    return chunk
+
+
+def aligned_length(length: int, group_size: int, world: int) -> int:
+    """The shortest length >= `length` whose N chunks are a multiple or a divisor of the group size."""
+    chunk = -(-length // world)
+    if chunk >= group_size:
+        return -(-chunk // group_size) * group_size * world
+    while group_size % chunk:
+        chunk += 1
+    return chunk * world
+
+
+def _halves(num_heads: int, num_kv_heads: int, shift: bool) -> list[tuple[int, int, int, int, int]]:
+    """(q0, q1, kv0, kv1, shift_index) per half: query heads [q0, q1) read key/value heads [kv0, kv1)."""
+    rep = num_heads // num_kv_heads
+    n_plain = num_heads // 2 if shift else num_heads  # half the heads shifted (paper section 3.2)
+    out = []
+    for i, (q0, q1) in enumerate(((0, n_plain), (n_plain, num_heads))):
+        if q1 > q0:
+            out.append((q0, q1, q0 // rep, (q1 - 1) // rep + 1, i))
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One rank's share of a sharded batch: its chunk, its halos and the global segment ids attention needs.
+
+    halo[s][h] is how many tokens right before rank s's chunk its half-h queries (h=0 plain, 1 shifted) need; every
+    rank holds the whole table, so every rank knows what to send to whom. `real` and `seg` cover the window
+    [rank*chunk - max(halo[rank]), (rank+1)*chunk) of this rank: real tokens and segment id per half (equal ids = same
+    group of the same document); `layouts` turn them into s2_attention's segments.
+    """
+
+    rank: int
+    world: int
+    chunk: int
+    group_size: int
+    halo: tuple[tuple[int, int], ...]
+    real: torch.Tensor  # (B, W) bool
+    seg: torch.Tensor  # (2, B, W) long
+    layouts: tuple[TokenLayout, TokenLayout]  # per half: the segments of [halo ; chunk] (see _window_layout)
+    group: object = None
+
+    def transfers(self, half: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """(sends, recvs) of one half: sends (peer, a, b) = my local tokens [a, b) to peer; recvs (peer, a, b) = the
+        peer's tokens that fill [a, b) of my halo buffer (halo index 0 = global token rank*chunk - halo)."""
+        c, r = self.chunk, self.rank
+        sends, recvs = [], []
+        for dst in range(r + 1, self.world):
+            start = dst * c - self.halo[dst][half]  # first global token dst needs
+            if start < (r + 1) * c:
+                sends.append((dst, max(start, r * c) - r * c, c))
+        need = self.halo[r][half]
+        start = r * c - need
+        for src in range(max(0, start // c), r):
+            a, b = max(start, src * c), (src + 1) * c
+            if b > a:
+                recvs.append((src, a - start, b - start))
+        return sends, recvs
+
+
+def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch: int, length: int,
+                group_size: int, world: int, rank: int, shift: bool = True, group=None,
+                device: torch.device | str = "cpu") -> ChunkPlan:
+    """The ChunkPlan of `rank` from the global (B, L) padding mask / position ids (restarting per packed document).
+
+    Pure function of the layout (no communication): every rank of the group computes the same halo table.
+    """
+    chunk = check_sequence_parallel(length, group_size, world)
+    layout = token_layout(batch, length, torch.device("cpu"),
+                          None if attention_mask is None else attention_mask.cpu(),
+                          None if position_ids is None else position_ids.cpu())
+    flat = batch * length
+    real = torch.zeros(flat, dtype=torch.bool)
+    real[layout.index] = True
+    pos_in_row = torch.arange(flat) % length
+    segs, starts = [], []
+    for shift_by in (0, group_size // 2 if shift else 0):
+        seg_id = torch.full((flat,), -1, dtype=torch.long)
+        seg_start = torch.full((flat,), length, dtype=torch.long)
+        if layout.index.numel():
+            s = group_segments(layout, group_size, shift_by)
+            seg_id[layout.index] = s.seg_id
+            first = torch.full((int(s.seg_id.max()) + 1,), length, dtype=torch.long)
+            first = first.scatter_reduce(0, s.seg_id, pos_in_row[layout.index], "amin")
+            seg_start[layout.index] = first[s.seg_id]
+        segs.append(seg_id.view(batch, length))
+        starts.append(seg_start.view(batch, length))
+    real = real.view(batch, length)
+    halo = []
+    for s in range(world):
+        lo, hi = s * chunk, (s + 1) * chunk
+        need = []
+        for h in range(2):
+            st = torch.where(real[:, lo:hi], starts[h][:, lo:hi], torch.full_like(starts[h][:, lo:hi], lo))
+            need.append(max(0, lo - int(st.min())))
+        halo.append((need[0], need[1]))
+    lo = rank * chunk - max(halo[rank])
+    hi = (rank + 1) * chunk
+    seg = torch.stack([segs[0][:, lo:hi], segs[1][:, lo:hi]])  # (2, B, W)
+    return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
+                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group,
+                     layouts=tuple(_window_layout(real[:, lo:hi][:, -(n + chunk):], seg[h][:, -(n + chunk):],
+                                                  group_size, device) for h, n in enumerate(halo[rank])))
+
+
+def _window_layout(real: torch.Tensor, seg: torch.Tensor, group_size: int, device) -> TokenLayout:
+    """A TokenLayout of a (B, n) window in which every segment (run of equal segment ids) is its own "document".
+
+    `s2_attention(..., shift=False, layout=...)` then attends causally inside each segment (a segment never exceeds
+    G tokens, so no group boundary cuts it again): exactly S2 restricted to the window's keys. Without padding or
+    packing the window's segments are groups of G from its first token (the window starts at a group start): then
+    the layout is s2_attention's regular one, which takes its fused CPU kernels.
+    """
+    b, n = real.shape
+    boundary = torch.ones(b, n, dtype=torch.bool)
+    boundary[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    groups_from_start = torch.zeros(b, n, dtype=torch.bool)
+    groups_from_start[:, ::group_size] = True
+    if bool(real.all()) and torch.equal(boundary, groups_from_start):
+        return token_layout(b, n, torch.device(device))
+    flat_real = real.reshape(-1)
+    index = flat_real.nonzero().squeeze(1)
+    s = seg.reshape(-1)[index]
+    row = index // n
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[1:] = (s[1:] != s[:-1]) | (row[1:] != row[:-1])
+    ar = torch.arange(s.numel())
+    offset = ar - torch.where(start, ar, torch.zeros_like(ar)).cummax(0).values
+    return TokenLayout(index=index.to(device), doc_start=start.to(device), offset=offset.to(device), batch=b,
+                       length=n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the exchange: keys/values forward, their gradients backward
+
+_TRAFFIC: list | None = None  # when counting (see count_traffic): (direction, peer, bytes) per message sent
+_DRY_RUN = False
+
+
+@contextlib.contextmanager
+def count_traffic(dry_run: bool = False):
+    """Record every message the exchange sends: yields a list of (direction, peer, bytes), direction fwd|bwd.
+
+    dry_run=True posts nothing (received buffers stay uninitialised): with meta tensors, the bytes a run at any
+    shape would send, without the memory or the ranks (benchmarks/sequence_parallel.py).
+    """
+    global _TRAFFIC, _DRY_RUN
+    log: list = []
+    previous, _TRAFFIC, was_dry, _DRY_RUN = _TRAFFIC, log, _DRY_RUN, dry_run
+    try:
+        yield log
+    finally:
+        _TRAFFIC, _DRY_RUN = previous, was_dry
+
+
+def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group, direction: str):
+    """Post all sends and receives at once (no ordering deadlock), then wait. Peers are ranks inside `group`."""
+    ops = []
+    for peer, t in sends:
+        if _TRAFFIC is not None:
+            _TRAFFIC.append((direction, peer, t.numel() * t.element_size()))
+        if _DRY_RUN:
+            continue
+        ops.append(dist.P2POp(dist.isend, t, _global_rank(group, peer), group))
+    for peer, t in recvs if not _DRY_RUN else ():
+        ops.append(dist.P2POp(dist.irecv, t, _global_rank(group, peer), group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def _global_rank(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Forward: every rank receives, per half, the earlier tokens' keys/values its queries need (and sends its own to
+    the later ranks that need them). Backward: the gradients of the received keys/values go back to their owners and
+    are added to the owners' own key/value gradients.
+
+    key/value (B, Hkv, C, D) -> per half the window (k, v), each (B, kv1-kv0, halo+C, D): the halo, then the chunk's
+    own keys/values (a view of the inputs where the half needs no halo). The local keys pass through this Function
+    too, so that every rank's backward reaches it, also a rank that received nothing but must receive gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, key, value, plan, halves):
+        ctx.plan, ctx.halves, ctx.shape = plan, halves, key.shape
+        b, _, c, d = key.shape
+        sends, recvs, outs = [], [], []
+        for _, _, kv0, kv1, h in halves:
+            s, r = plan.transfers(h)
+            # keys and values of a half travel in one message per peer: (2, B, heads, tokens, D)
+            sends += [(peer, torch.stack([key[:, kv0:kv1, a:z], value[:, kv0:kv1, a:z]]).contiguous())
+                      for peer, a, z in s]
+            halo = plan.halo[plan.rank][h]
+            if halo == 0:
+                outs += [key[:, kv0:kv1], value[:, kv0:kv1]]
+                continue
+            buf = key.new_empty(2, b, kv1 - kv0, halo + c, d)  # (K|V, B, heads, halo+C, D)
+            buf[0, :, :, halo:] = key[:, kv0:kv1]
+            buf[1, :, :, halo:] = value[:, kv0:kv1]
+            recvs += [(peer, buf[:, :, :, a:z]) for peer, a, z in r]
+            outs += [buf[0], buf[1]]
+        staged = [(peer, t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format))
+                  for peer, t in recvs]
+        _exchange(sends, staged, plan.group, "fwd")
+        for (_, view), (_, t) in zip(recvs, staged):
+            if t is not view:
+                view.copy_(t)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        plan, halves = ctx.plan, ctx.halves
+        dk = grads[0].new_zeros(ctx.shape)
+        dv = grads[0].new_zeros(ctx.shape)
+        sends, recvs = [], []
+        for i, (_, _, kv0, kv1, h) in enumerate(halves):
+            gk, gv = grads[2 * i], grads[2 * i + 1]
+            halo = plan.halo[plan.rank][h]
+            dk[:, kv0:kv1] += gk[:, :, halo:]  # the chunk's own keys/values
+            dv[:, kv0:kv1] += gv[:, :, halo:]
+            s, r = plan.transfers(h)
+            # the reverse of the forward: what I received goes back to its sender, what I sent comes back
+            sends += [(peer, torch.stack([gk[:, :, a:z], gv[:, :, a:z]]).contiguous()) for peer, a, z in r]
+            recvs += [(peer, (kv0, kv1, a, z), dk.new_empty(2, dk.shape[0], kv1 - kv0, z - a, dk.shape[3]))
+                      for peer, a, z in s]
+        _exchange(sends, [(peer, t) for peer, _, t in recvs], plan.group, "bwd")
+        for _, (kv0, kv1, a, z), t in recvs:
+            dk[:, kv0:kv1, a:z] += t[0]
+            dv[:, kv0:kv1, a:z] += t[1]
+        return dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention of a chunk over [halo ; chunk]
+
+
+def _chunk_attention(q, k, v, layout: TokenLayout, group_size: int, scale, dropout, sliding_window):
+    """Causal attention of the chunk's queries over [halo ; chunk] keys inside the segments of `layout`.
+
+    q (B, Hq, C, D), k/v (B, Hkv, halo+C, D) -> (B, Hq, C, D). The halo's query rows are zeros: the one segment per
+    row that straddles the chunk start computes (and drops) them, the price of reusing s2_attention's kernels.
+    """
+    b, hq, c, d = q.shape
+    halo = k.shape[2] - c
+    q_all = torch.cat([q.new_zeros(b, hq, halo, d), q], dim=2) if halo else q  # (B, Hq, halo+C, D)
+    out = s2_attention(q_all, k, v, group_size, shift=False, scale=scale, dropout=dropout,
+                       sliding_window=sliding_window, backend="sdpa", layout=layout)  # (B, Hq, halo+C, D)
+    return out[:, :, halo:]
+
+
+def sequence_parallel_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                        scaling: float | None = None, **kwargs):
+    """AttentionInterface entry "s2_sp": S2 over a sharded sequence (training, with a plan), else "s2_sdpa"'s.
+
+    query (B, Hq, C, D), key/value (B, Hkv, C, D) -> ((B, C, Hq, D), None).
+    """
+    plan: ChunkPlan | None = kwargs.pop(PLAN_KEY, None)
+    if plan is not None and not module.training:
+        raise ValueError("a sharded (sequence-parallel) forward is for training; evaluate on the whole sequence")
+    if plan is None:
+        # eval, generation or an unsharded forward: exactly the single-device S2 / SDPA path
+        return s2_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+    b, hq, c, _ = query.shape
+    if c != plan.chunk or key.shape[2] != c:
+        raise ValueError(f"sequence-parallel attention expected {plan.chunk} local tokens, got {c} queries and "
+                         f"{key.shape[2]} keys (use_cache must be False in training)")
+    settings = getattr(module, "s2_settings", None)
+    halves = _halves(hq, key.shape[1], settings.shift if settings is not None else True)
+    windows = _HaloExchange.apply(key, value, plan, halves)  # per half: (B, kv, halo+C, D) keys, values
+    pieces = []
+    for i, (q0, q1, kv0, kv1, h) in enumerate(halves):
+        pieces.append(_chunk_attention(query[:, q0:q1], windows[2 * i], windows[2 * i + 1], plan.layouts[h],
+                                       plan.group_size, scaling, dropout, kwargs.get("sliding_window")))
+    # heads-last, as transformers expects: one copy, and the caller's reshape is then a view
+    out = torch.cat([p.transpose(1, 2) for p in pieces], dim=2)  # (B, C, Hq, D)
+    return out, None
+
+
+# True while a model runs a sharded forward (a ChunkPlan among its kwargs; set by a forward pre-hook)
+_SP_FORWARD = contextvars.ContextVar("longlora_sp_forward", default=False)
+
+
+def _sp_mask(*args, **kwargs):
+    """AttentionMaskInterface entry "s2_sp": no mask in a sharded forward (the layout travels in the ChunkPlan;
+    a (C, C) mask would cost C^2 bytes), else "s2_sdpa"'s mask (eval, generation, unsharded training)."""
+    return None if _SP_FORWARD.get() else s2_mask(*args, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register(SP_ATTENTION, sequence_parallel_attention_forward)
+    AttentionMaskInterface.register(SP_ATTENTION, _sp_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model and batch side
+
+
+@dataclass
+class SequenceParallelSettings:
+    group: object
+    """torch.distributed process group of the N ranks that share one sequence (None = the whole world)."""
+    s2: S2Settings
+
+
+def enable_sequence_parallel(model, group=None, group_size: int | None = None, group_size_ratio: float = 0.25, *,
+                             shift: bool = True):
+    """Switch a model (or PEFT model) to S2-Attn over a sequence sharded across `group`. Returns the model.
+
+    Eval mode keeps full attention on one device (and unsharded training forwards run plain S2). group_size=None
+    takes group_size_ratio x the *global* sequence length of each batch given to `shard_batch`.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sequence parallelism needs torch.distributed initialised (launch with torchrun)")
+    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend="sdpa")
+    check_s2_support(model)
+    register()
+    base = _base_model(model)
+    base.set_attn_implementation(SP_ATTENTION)
+    for module in attention_modules(model):
+        module.s2_settings = settings
+    base._longlora_sequence_parallel = SequenceParallelSettings(group=group, s2=settings)
+    for handle in getattr(base, "_longlora_sp_hooks", ()):
+        handle.remove()
+
+    def entering(module, args, kwargs):
+        _SP_FORWARD.set(kwargs.get(PLAN_KEY) is not None)
+
+    def leaving(module, args, output):
+        _SP_FORWARD.set(False)
+
+    base._longlora_sp_hooks = (base.register_forward_pre_hook(entering, with_kwargs=True),
+                               base.register_forward_hook(leaving))
+    return model
+
+
+def _sp_settings(model) -> SequenceParallelSettings:
+    settings = getattr(_base_model(model), "_longlora_sequence_parallel", None)
+    if settings is None:
+        raise ValueError("call enable_sequence_parallel(model, group) before sharding batches for it")
+    return settings
+
+
+def shard_batch(batch: dict, model, *, rank: int | None = None, world: int | None = None) -> dict:
+    """This rank's share of a full batch (identical on every rank of the group) for `sequence_parallel_loss`.
+
+    batch: input_ids (B, L), optional attention_mask (B, L), position_ids (B or 1, L; restarting per packed
+    document) and labels (B, L, unshifted as for the model). Returns input_ids / position_ids of the chunk (global
+    positions, so RoPE sees the unsharded positions), `shift_labels` of the chunk (label of the next token, across
+    the chunk boundary: the chunk's last token predicts the next chunk's first), the global count of scored tokens
+    `num_items`, and the ChunkPlan under PLAN_KEY. With a fixed group size, a length that does not split into
+    aligned chunks (SFT batches vary) is right-padded to the shortest one that does.
+    """
+    settings = _sp_settings(model)
+    group = settings.group
+    rank = dist.get_rank(group) if rank is None else rank
+    world = dist.get_world_size(group) if world is None else world
+    input_ids = batch["input_ids"]
+    b, length = input_ids.shape
+    mask = batch.get("attention_mask")
+    position_ids = batch.get("position_ids")
+    labels = batch.get("labels")
+    if settings.s2.group_size is not None:
+        padded = aligned_length(length, settings.s2.group_size, world)
+        if padded > length:
+            extra = padded - length
+            mask = torch.ones_like(input_ids) if mask is None else mask
+            input_ids, mask = F.pad(input_ids, (0, extra)), F.pad(mask, (0, extra))
+            if position_ids is not None:  # the padding continues the last document (masked out anyway)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(
+                    1, extra + 1, device=position_ids.device)], dim=1)
+            labels = None if labels is None else F.pad(labels, (0, extra), value=-100)
+            length = padded
+    if mask is not None and bool(mask.bool().all()):
+        mask = None
+    g = settings.s2.group_size_for(length)
+    plan = plan_chunks(mask, position_ids, b, length, g, world, rank, shift=settings.s2.shift, group=group,
+                       device=input_ids.device)
+    lo, hi = rank * plan.chunk, (rank + 1) * plan.chunk
+    if position_ids is None:  # transformers' default: 0..L-1 whatever the padding
+        position_ids = torch.arange(length, device=input_ids.device)[None]
+    out = {"input_ids": input_ids[:, lo:hi], "position_ids": position_ids.expand(b, length)[:, lo:hi],
+           PLAN_KEY: plan}
+    if labels is not None:
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, L): token t predicts label t+1
+        out["shift_labels"] = shifted[:, lo:hi]
+        out["num_items"] = int((shifted != -100).sum())
+    return out
+
+
+def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=None) -> torch.Tensor:
+    """This rank's share of the mean token loss: sum of its tokens' losses / the group's token count (x `scale`).
+
+    Summed over the group's ranks it equals the unsharded model's loss; so do the gradients, once summed over the
+    group (pass scale=N when a data-parallel wrapper averages gradients over the group's ranks instead).
+    `num_items` replaces the batch's own token count as the denominator (a count over several micro-batches).
+    """
+    plan = shard[PLAN_KEY]
+    logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False,
+                   **{PLAN_KEY: plan}).logits  # (B, C, V)
+    total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
+                            ignore_index=-100, reduction="sum")
+    count = shard["num_items"] if num_items is None else num_items
+    return total * scale / (count if torch.is_tensor(count) else max(count, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer: `longlora train --sequence-parallel N`
+
+
+def data_parallel_groups(size: int):
+    """Split the world into consecutive groups of `size` ranks; returns (this rank's group, its index, count).
+
+    Every rank creates every group (torch.distributed requires it). The group is always a new one, even when it is
+    the whole world, so that the halo exchange never interleaves with DDP's gradient all-reduce on one communicator.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"sequence_parallel={size} must divide the number of processes ({world}); launch a "
+                         f"multiple of {size} processes (torchrun --nproc_per_node ...) or change sequence_parallel")
+    mine = None
+    for d in range(world // size):
+        g = dist.new_group(list(range(d * size, (d + 1) * size)))
+        if d == rank // size:
+            mine = g
+    return mine, rank // size, world // size
+
+
+class SequenceParallelMixin:
+    """Trainer behaviour for sequence parallelism over groups of N ranks (mixed into the project's Trainer).
+
+    - data: the ranks of a group receive the same batches (the data-parallel split is over groups, not ranks);
+    - loss: each rank runs its chunk (`shard_batch`). With the Trainer's token count over the step's micro-batches
+      and all ranks (average_tokens_across_devices, the default; each group's tokens counted N times) a rank returns
+      W x N x its tokens' loss sum / that count: DDP's average over the W ranks then gives the gradient of the
+      step's mean token loss, as one process would, and the logged loss (mean over ranks) is that loss. Without
+      the count: N x its share of each micro-batch's mean (micro-batches weigh equally).
+    """
+
+    sp_size: int = 1
+    sp_index: int = 0
+    sp_groups: int = 1
+
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        shard = getattr(loader, "batch_sampler", None)
+        if self.args.world_size > 1:
+            if not hasattr(shard, "num_processes"):
+                raise ValueError("sequence parallelism needs a map-style dataset (not streaming): set streaming false")
+            shard.num_processes, shard.process_index = self.sp_groups, self.sp_index
+        return loader
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        shard = shard_batch(inputs, self.accelerator.unwrap_model(model))  # the DDP/FSDP wrapper runs the forward
+        step_count = num_items_in_batch is not None and self.args.average_tokens_across_devices
+        # read by training_step right after: a loss over the step's count is already scaled for accumulation
+        self.loss_is_scaled_for_ga = step_count
+        if step_count:
+            loss = sequence_parallel_loss(model, shard, scale=self.args.world_size * self.sp_size,
+                                          num_items=num_items_in_batch)
+        else:
+            loss = sequence_parallel_loss(model, shard, scale=self.sp_size)
+        return (loss, None) if return_outputs else loss
+
+
+def setup_sequence_parallel(model, trainer_cls, size: int, group_size: int | None, group_size_ratio: float,
+                            shift: bool = True):
+    """Groups of `size` ranks, the model's attention switched to "s2_sp", and a Trainer class doing the rest."""
+    group, index, count = data_parallel_groups(size)
+    enable_sequence_parallel(model, group, group_size=group_size, group_size_ratio=group_size_ratio, shift=shift)
+    print(f"sequence parallel: {count} group(s) of {size} ranks; this rank is {dist.get_rank(group)} of group "
+          f"{index}", flush=True)
+    return type("SequenceParallelTrainer", (SequenceParallelMixin, trainer_cls),
+                {"sp_size": size, "sp_index": index, "sp_groups": count})
