@@ -109,7 +109,7 @@ def _worker(args) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from attention import PeakTensorMemory
+    from _measure import PeakTensorMemory
     from longlora.adapters import apply_lora_plus
     from longlora.integration import enable_s2_attention
     from longlora.sequence_parallel import count_traffic, enable_sequence_parallel, sequence_parallel_loss, \

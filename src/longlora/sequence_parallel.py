@@ -318,7 +318,7 @@ def _chunk_attention(q, k, v, layout: TokenLayout, group_size: int, scale, dropo
     halo = k.shape[2] - c
     q_all = torch.cat([q.new_zeros(b, hq, halo, d), q], dim=2) if halo else q  # (B, Hq, halo+C, D)
     out = s2_attention(q_all, k, v, group_size, shift=False, scale=scale, dropout=dropout,
-                       sliding_window=sliding_window, backend="sdpa", layout=layout)  # (B, Hq, halo+C, D)
+                       sliding_window=sliding_window, backend="auto", layout=layout)  # (B, Hq, halo+C, D)
     return out[:, :, halo:]
 
 
@@ -386,7 +386,7 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence parallelism needs torch.distributed initialised (launch with torchrun)")
-    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend="sdpa")
+    settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend="auto")
     check_s2_support(model)
     register()
     base = _base_model(model)
