@@ -8,10 +8,10 @@
   and the padding-free collator.
 """
 
+from ..prompts import DEFAULT_SYSTEM_PROMPT
 from .blocks import IGNORE_INDEX, PACKINGS, tokenize_and_block
 from .corpus import load_documents, load_sft_records
 from .sft import (
-    DEFAULT_SYSTEM_PROMPT,
     PROMPT_TEMPLATES,
     TRUNCATIONS,
     SFTStats,

@@ -1,9 +1,10 @@
 """SFT records (LongAlpaca format) -> prompts with masked labels, and their collator.
 
 Records {"instruction", "input" (optional), "output"} or {"messages": [...]} become prompt + answer + EOS with labels
--100 on every prompt token. Records longer than `context_length` are either cut in their *material* (the long part
-of the prompt, cut in the middle so that the head and the closing question stay) or dropped. `sft_collator` packs a
-batch into one padding-free row (transformers' DataCollatorWithFlattening).
+-100 on every prompt token; the prompt is rendered by `longlora.prompts`, as `longlora ask` renders it. Records
+longer than `context_length` are either cut in their *material* (the long part of the prompt, cut in the middle so
+that the head and the closing question stay) or dropped. `sft_collator` packs a batch into one padding-free row
+(transformers' DataCollatorWithFlattening).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..prompts import TEMPLATES, prompt_ids, resolve_template
 from .blocks import IGNORE_INDEX, eos_token_id
 
 if TYPE_CHECKING:
@@ -22,20 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPT_TEMPLATES = ("auto", "llama2", "alpaca", "chat_template")
+PROMPT_TEMPLATES = TEMPLATES
+"""The prompt templates `build_sft_example` accepts (see `longlora.prompts`)."""
 TRUNCATIONS = ("material", "drop")
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
-
-_ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-_ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
 
 
 @dataclass
@@ -106,44 +97,13 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _resolve_template(prompt_template: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    if prompt_template not in PROMPT_TEMPLATES:
-        raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {prompt_template!r}")
-    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if prompt_template == "auto":
-        return "chat_template" if has_chat_template else "llama2"
-    if prompt_template == "chat_template" and not has_chat_template:
-        raise ValueError(
-            "prompt_template='chat_template' but the tokenizer has no chat template; use 'llama2' or 'alpaca'"
-        )
-    return prompt_template
-
-
-def _user_turn(conv: _Conversation) -> str:
-    return f"{conv.instruction}\n{conv.input}" if conv.input else conv.instruction
-
-
 def _prompt_ids(conv: _Conversation, tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
-    """Token ids of everything before the answer.
-
-    llama2: "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{instruction}\\n{input} [/INST]" (Llama-2 chat's single-turn
-    form; the tokenizer adds BOS). alpaca: the classic Stanford Alpaca prompt, ending "### Response:".
-    chat_template: the tokenizer's template over [system] + history + user turn, with the generation prompt.
-    """
-    if template == "chat_template":
-        messages = ([{"role": "system", "content": conv.system}] if conv.system else []) + conv.history
-        messages = messages + [{"role": "user", "content": _user_turn(conv)}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if conv.history:
+    """Token ids of everything before the answer, rendered by `longlora.prompts` (as `longlora ask` renders them)."""
+    if conv.history and template != "chat_template":
         raise ValueError(f"multi-turn conversations need prompt_template='chat_template', not {template!r}")
-    if template == "llama2":
-        system = conv.system or DEFAULT_SYSTEM_PROMPT
-        text = f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{_user_turn(conv)} [/INST]"
-    else:
-        prompt = _ALPACA_PROMPT_WITH_INPUT if conv.input else _ALPACA_PROMPT
-        text = prompt.format(instruction=conv.instruction, input=conv.input)
-    return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    system = [{"role": "system", "content": conv.system}] if conv.system else []
+    messages = system + conv.history + [{"role": "user", "content": conv.instruction}]
+    return prompt_ids(tokenizer, messages, template, input=conv.input)
 
 
 def _material_slot(conv: _Conversation) -> tuple[str, int | None]:
@@ -196,7 +156,7 @@ def build_sft_example(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    template = _resolve_template(prompt_template, tokenizer)
+    template = resolve_template(tokenizer, prompt_template)
     eos_id = eos_token_id(tokenizer)
     conv = _parse_record(record)
     answer_ids = tokenizer(conv.answer, add_special_tokens=False, verbose=False)["input_ids"] + [eos_id]
@@ -262,7 +222,7 @@ def build_sft_dataset(
         raise ValueError(f"context_length must be an integer >= 2, got {context_length!r}")
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    _resolve_template(prompt_template, tokenizer)  # fail before mapping
+    resolve_template(tokenizer, prompt_template)  # fail before mapping
     eos_token_id(tokenizer)
     if not isinstance(records, Dataset):
         records = list(records)
