@@ -173,7 +173,7 @@ def test_streaming_gives_the_same_blocks(tokenizer, tmp_path, packing):
 
 def test_streaming_blocks_across_tokenisation_batches(tokenizer, monkeypatch):
     # More documents than one tokenisation batch: the carry-over between batches must not lose or repeat tokens.
-    monkeypatch.setattr("longlora.data._BATCH", 4)
+    monkeypatch.setattr("longlora.data.blocks._BATCH", 4)
     docs = [f"hello world {i}" for i in range(23)]
     streamed = list(tokenize_and_block(datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), tokenizer, 10))
     stream = expected_stream(tokenizer, docs)
@@ -286,7 +286,7 @@ def test_text_that_is_not_utf8_is_counted_and_warned_about(tmp_path, caplog):
     (corpus / "utf8.txt").write_text(latin1, encoding="utf-8")
     # the independent count: bytes of the Latin-1 text that are not ASCII (none of them starts valid UTF-8 here)
     expected = sum(b >= 0x80 for b in latin1.encode("latin-1"))
-    with caplog.at_level("WARNING", logger="longlora.data"):
+    with caplog.at_level("WARNING", logger="longlora.data.corpus"):
         docs = load_documents(corpus, cache_dir=tmp_path / "cache")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
@@ -294,7 +294,7 @@ def test_text_that_is_not_utf8_is_counted_and_warned_about(tmp_path, caplog):
     replaced, intact = docs["text"]  # files in path order
     assert replaced.count("\ufffd") == expected and intact == latin1
     caplog.clear()
-    with caplog.at_level("WARNING", logger="longlora.data"):
+    with caplog.at_level("WARNING", logger="longlora.data.corpus"):
         load_documents(corpus / "utf8.txt", cache_dir=tmp_path / "cache")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 

@@ -19,15 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-TEMPLATES = ("auto", "chat_template", "llama2")
-"""Prompt forms: the tokenizer's chat template ('auto' when it has one), or Llama-2 chat's [INST] ... [/INST]."""
-
-# How the material and the question are put to the model (LongAlpaca's long-QA prompts have this shape:
-# the document, an explicit end marker, then the question).
-MATERIAL_PROMPT = (
-    "Below is some material. Read it and answer my question after it.\n"
-    "The material begins.\n{material}\nNow the material ends.\n{question}"
-)
+from .prompts import CHAT_TEMPLATES, encode_prompt, render_conversation, user_message
+from .prompts import MATERIAL_PROMPT, TEMPLATES, build_prompt  # noqa: F401  (importable from here, as before)
 
 EXIT_WORDS = ("exit", "quit")
 """Typing one of these (or end of input) ends `longlora chat`."""
@@ -42,79 +35,11 @@ class ContextLengthWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def user_message(material: str, question: str) -> str:
-    """The first user turn: the material, an end marker, then the question."""
-    return MATERIAL_PROMPT.format(material=material.strip(), question=question.strip())
-
-
-def _resolve_template(tokenizer, template: str) -> str:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if template == "auto":
-        return "chat_template" if has_chat_template else "llama2"
-    if template == "chat_template" and not has_chat_template:
-        raise ValueError("template='chat_template' but the tokenizer has no chat template; use 'llama2' or 'auto'")
-    return template
-
-
-def _check_messages(messages: list[dict]) -> None:
-    roles = [m.get("role") for m in messages]
-    turns = roles[1:] if roles and roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
-    if not turns or turns != expected[: len(turns)] or turns[-1] != "user":
-        raise ValueError(
-            f"a conversation alternates user / assistant turns (after an optional system message) and ends with the "
-            f"user's question; got roles {roles}"
-        )
-
-
-def _llama2_conversation(tokenizer, messages: list[dict]) -> str:
-    """Llama-2 chat's multi-turn form (the tokenizer adds the first BOS):
-    [INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]"""
-    from longlora.data import DEFAULT_SYSTEM_PROMPT  # the system prompt SFT training used
-
-    system = DEFAULT_SYSTEM_PROMPT
-    if messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    text = ""
-    for i in range(0, len(messages), 2):
-        user = messages[i]["content"]
-        if i == 0:
-            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
-        text += f"{bos if i else ''}[INST] {user} [/INST]"
-        if i + 1 < len(messages):
-            text += f" {messages[i + 1]['content'].strip()} {eos}"
-    return text
-
-
-def render_conversation(tokenizer, messages: list[dict], template: str = "auto") -> str:
-    """The prompt text for a conversation ending with a user turn, ready for the assistant's answer.
-
-    template: 'chat_template' (the tokenizer's, with the generation prompt), 'llama2' (Llama-2 chat's [INST] form,
-        the one `longlora sft` trains with when the tokenizer has no chat template) or 'auto' (the first one the
-        tokenizer allows).
-    """
-    _check_messages(messages)
-    if _resolve_template(tokenizer, template) == "chat_template":
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return _llama2_conversation(tokenizer, messages)
-
-
-def build_prompt(tokenizer, material: str, question: str, template: str = "auto") -> str:
-    """The prompt for one question about `material`: the model's chat template when the tokenizer has one, else
-    the Llama-2 `[INST] ... [/INST]` form (see `render_conversation`)."""
-    if not question or not question.strip():
-        raise ValueError("the question is empty")
-    return render_conversation(tokenizer, [{"role": "user", "content": user_message(material, question)}], template)
-
-
 def _encode(tokenizer, text: str, template: str):
-    """Token ids (1, T). A chat template writes its own special tokens (BOS included); the [INST] form relies on
-    the tokenizer adding BOS, as SFT training tokenised it (longlora.data)."""
-    add_special_tokens = _resolve_template(tokenizer, template) != "chat_template"
-    return tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    """Token ids (1, T) of a prompt text, encoded as SFT training encoded it (`longlora.prompts.encode_prompt`)."""
+    import torch
+
+    return torch.tensor([encode_prompt(tokenizer, text, template)], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -357,10 +282,12 @@ def chat(
     """Answer `questions` one after another about `material`, each turn seeing the whole conversation so far.
 
     The material goes into the first user turn only; later turns are the questions themselves, all rendered with
-    the chat template (or the Llama-2 multi-turn form). The KV cache is kept from turn to turn, so the material is
-    encoded once. Empty questions are skipped. Returns the conversation as
+    the chat template (or the Llama-2 multi-turn form; Alpaca has none, so chat refuses it). The KV cache is kept
+    from turn to turn, so the material is encoded once. Empty questions are skipped. Returns the conversation as
     [{"role": "user" | "assistant", "content"}, ...].
     """
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat needs a template with follow-up turns, one of {CHAT_TEMPLATES}; got {template!r}")
     messages: list[dict[str, str]] = []
     cache = PromptCache()
     for question in questions:
