@@ -119,10 +119,10 @@ def time_and_peak(step, device, repeats, exclude=(), warmup=1):
 
 
 def group_size_for(length: int, ratio: float = 0.25) -> int:
-    """The group size the library uses for a length (S2Settings.group_size_for: ratio x L, even)."""
-    from longlora.integration import S2Settings
+    """The group size the library uses for a length (ratio x L, even)."""
+    from longlora.attention import group_size_from_ratio
 
-    return S2Settings(group_size_ratio=ratio).group_size_for(length)
+    return group_size_from_ratio(length, ratio)
 
 
 def add_shape_arguments(parser, lengths: str) -> None:

@@ -101,6 +101,14 @@ def _running_start(is_start: torch.Tensor) -> torch.Tensor:
     return torch.where(is_start, ar, torch.zeros_like(ar)).cummax(0).values
 
 
+def group_size_from_ratio(length: int, ratio: float = 0.25) -> int:
+    """The S2 group size for a sequence length: ratio x length rounded down to an even number, at least 2.
+
+    The paper's ratio is 1/4 (section 3.2); even so that the shifted half moves by exactly G/2 tokens.
+    """
+    return max(2, int(length * ratio) // 2 * 2)
+
+
 def token_layout(
     batch: int,
     length: int,

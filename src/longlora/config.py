@@ -117,11 +117,11 @@ class TrainConfig:
             raise ValueError("model is required: a local model directory, a hub id or a .gguf file (--model ...)")
         if not self.data:
             raise ValueError("data is required: a text file, a directory, JSONL/Parquet or a dataset name (--data ...)")
-        _choice("attention", self.attention, ATTENTIONS)
-        _choice("finetune", self.finetune, FINETUNES)
-        _choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
-        _choice("quantization", self.quantization, QUANTIZATIONS)
-        _choice("packing", self.packing, self.PACKINGS)
+        check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("finetune", self.finetune, FINETUNES)
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("packing", self.packing, self.PACKINGS)
         if self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
         if not 0 < self.group_size_ratio <= 1:
@@ -145,7 +145,9 @@ class TrainConfig:
 
     def group_size(self) -> int:
         """The S2 group size used for training blocks: ratio x context_length, even."""
-        return max(2, int(self.context_length * self.group_size_ratio) // 2 * 2)
+        from .attention import group_size_from_ratio
+
+        return group_size_from_ratio(self.context_length, self.group_size_ratio)
 
     def s2_group_size(self) -> int | None:
         """Group size handed to S2: None = ratio x each batch's length (the paper's pre-training behaviour)."""
@@ -155,7 +157,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _choice(name, value, choices):
+def check_choice(name, value, choices):
+    """A ValueError naming the option and its allowed values unless `value` is one of `choices`."""
     if value not in choices:
         shown = ", ".join(str(c) for c in choices)
         raise ValueError(f"{name} must be one of {shown}; got {value!r}")

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .attention import BACKENDS, s2_attention, token_layout
+from .attention import BACKENDS, group_size_from_ratio, s2_attention, token_layout
 
 S2_ATTENTION = "s2_sdpa"
 
@@ -52,7 +52,7 @@ class S2Settings:
     def group_size_for(self, length: int) -> int:
         if self.group_size is not None:
             return self.group_size
-        return max(2, int(length * self.group_size_ratio) // 2 * 2)
+        return group_size_from_ratio(length, self.group_size_ratio)
 
 
 _DEFAULT_SETTINGS = S2Settings()

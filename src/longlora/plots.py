@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from longlora.io import atomic_path, write_json
 
-__all__ = ["plot_perplexity", "plot_passkey_heatmap", "plot_passkey_accuracy", "write_json"]
+__all__ = ["plot_losses", "plot_perplexity", "plot_passkey_heatmap", "plot_passkey_accuracy", "write_json"]
 
 
 def _figure(width: float = 6.4, height: float = 4.4):
@@ -94,4 +94,16 @@ def plot_passkey_accuracy(result: Mapping[str, Any], path: str | os.PathLike) ->
     ax.grid(True, alpha=0.3)
     if result.get("label"):
         ax.legend()
+    return _save(fig, path)
+
+
+def plot_losses(losses: Sequence[tuple[int, float]], path: str | os.PathLike, title: str = "") -> Path:
+    """Training loss per logged step, from train_summary.json's (step, loss) pairs."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from .config import TrainConfig, _choice
+from .config import TrainConfig, check_choice
 from .data import PROMPT_TEMPLATES, TRUNCATIONS
 
 SFT_PACKINGS = ("documents", "pad")
@@ -31,8 +31,8 @@ class SFTConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _choice("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
-        _choice("truncation", self.truncation, TRUNCATIONS)
+        check_choice("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
+        check_choice("truncation", self.truncation, TRUNCATIONS)
         if self.packing == "pad":
             self.training_args.setdefault("group_by_length", True)
 

@@ -538,7 +538,9 @@ def _write_summary(config: TrainConfig, summary: dict[str, Any]) -> None:
 
     out = Path(config.output_dir)
     if summary["losses"]:
-        _plot_losses(summary["losses"], out / "loss.png", title=f"{config.attention} / {config.finetune}")
+        from .plots import plot_losses
+
+        plot_losses(summary["losses"], out / "loss.png", title=f"{config.attention} / {config.finetune}")
     write_json(out / SUMMARY, summary)
 
 
@@ -610,26 +612,6 @@ def _move_into(staging: Path, out: Path) -> None:
         if i == 0:
             _kill_point("final-save")
     staging.rmdir()
-
-
-def _plot_losses(losses, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s for s, _ in losses], [v for _, v in losses])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def cmd_train(args: list[str] | None = None, **overrides) -> TrainResult:
