@@ -52,7 +52,7 @@ def _rope_entry(config) -> dict[str, Any]:
             "embedding (no rope_parameters), so position interpolation does not apply; LongLoRA's context extension "
             "needs a RoPE model (Llama, Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, ...)"
         )
-    nested_keys = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
+    nested_keys = _nested_keys(config, params)
     if not nested_keys:
         return params
     if params.get(_GLOBAL_LAYER_TYPE) is None:
@@ -61,6 +61,18 @@ def _rope_entry(config) -> dict[str, Any]:
             f"{_GLOBAL_LAYER_TYPE!r} layers; do not know which entry to scale"
         )
     return params[_GLOBAL_LAYER_TYPE]
+
+
+def _nested_keys(config, params: dict[str, Any]) -> list[str]:
+    """The keys of `params` that are layer types (per-layer-type RoPE), [] for one shared entry.
+
+    transformers >= 5.2x answers this itself (`nested_rope_parameter_keys`, which also knows configs whose entries
+    are named otherwise); earlier 5.x releases decide the same way from `config.layer_types`, as here.
+    """
+    if hasattr(config, "nested_rope_parameter_keys"):
+        return list(config.nested_rope_parameter_keys(params))
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    return [key for key in params if key in layer_types and isinstance(params[key], dict)]
 
 
 def _rope_type(params: dict[str, Any]) -> str:
