@@ -117,6 +117,10 @@ def test_config_records_position_interpolation(trained):
     assert not any("attn_implementation" in key for key in config)
     assert (out / "tokenizer.json").is_file()
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary directory left beside it
+    # the legacy keys transformers 4.x reads, equal to rope_parameters
+    assert config["rope_scaling"] == {"type": "linear", "rope_type": "linear", "factor": 4}
+    assert config["rope_theta"] == 5000.0
+    assert not {"is_local", "local_files_only"} & set(json.loads((out / "tokenizer_config.json").read_text()))
 
 
 def test_tied_embeddings_stay_tied(trained):
@@ -219,6 +223,14 @@ def test_adapter_without_config_keeps_base_rope(tmp_path):
     out2 = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged2", dtype="float32", rope_factor=2)
     config2 = json.loads((out2 / "config.json").read_text())
     assert (config2["max_position_embeddings"], config2["rope_parameters"]["factor"]) == (2 * POSITIONS, 2)
+    # ... and so does `longlora merge --rope-factor`
+    from longlora.cli import main
+
+    main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged3"),
+          "--rope-factor", "2"])
+    config3 = json.loads((tmp_path / "merged3" / "config.json").read_text())
+    assert (config3["max_position_embeddings"], config3["rope_scaling"]["factor"], config3["dtype"]) == (
+        2 * POSITIONS, 2, "float32")
 
 
 def test_adapter_of_another_hidden_size_is_refused(tmp_path):
