@@ -208,3 +208,12 @@ def test_saved_checkpoint_files_are_finalized_for_every_reader(base_dir, tmp_pat
     reloaded, reloaded_tokenizer = load_model_and_tokenizer(tmp_path, device="cpu")
     assert reloaded.config.rope_parameters["factor"] == 2
     assert reloaded_tokenizer("the sky is blue")["input_ids"] == tokenizer("the sky is blue")["input_ids"]
+
+
+def test_stored_dtype_is_read_from_the_weights(base_dir, tmp_path):
+    """merge --dtype auto writes what the base stores: read from the safetensors header, not guessed."""
+    from longlora.modeling import resolve_checkpoint, stored_dtype
+
+    assert stored_dtype(resolve_checkpoint(base_dir)) == torch.float32
+    LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert stored_dtype(resolve_checkpoint(tmp_path / "bf16")) == torch.bfloat16

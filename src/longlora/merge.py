@@ -84,6 +84,20 @@ def merge_adapter(
     model: str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
+    **options: Any,
+) -> Path:
+    """Write base + adapter as one standalone model directory `output`; returns its path.
+
+    The keyword options (dtype='auto', max_shard_size, overwrite, rope_factor, rope_scaling, device, check) and the
+    errors are `merge_and_check`'s, which also returns what the check measured.
+    """
+    return merge_and_check(model, adapter, output, **options)[0]
+
+
+def merge_and_check(
+    model: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
     *,
     dtype: str | torch.dtype = "auto",
     max_shard_size: str | int = "2GB",
@@ -92,8 +106,8 @@ def merge_adapter(
     rope_scaling: str = "linear",
     device: str | torch.device = "cpu",
     check: bool = True,
-) -> Path:
-    """Write base + adapter as one standalone model directory `output`; returns its path.
+) -> tuple[Path, MergeReport]:
+    """Write base + adapter as one standalone model directory `output`; returns its path and a MergeReport.
 
     model: the base (local directory, hub id or .gguf file); None reads it from the adapter's adapter_config.json
         (base_model_name_or_path).
@@ -112,27 +126,6 @@ def merge_adapter(
     Raises ValueError when the adapter's config.json or its tensors do not fit the base (another model's adapter),
     FileExistsError for an existing output; nothing is written then.
     """
-    path, _ = merge_and_check(
-        model, adapter, output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-        rope_factor=rope_factor, rope_scaling=rope_scaling, device=device, check=check,
-    )
-    return path
-
-
-def merge_and_check(
-    model: str | os.PathLike | None = None,
-    adapter: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    *,
-    dtype: str | torch.dtype = "auto",
-    max_shard_size: str | int = "2GB",
-    overwrite: bool = False,
-    rope_factor: float | None = None,
-    rope_scaling: str = "linear",
-    device: str | torch.device = "cpu",
-    check: bool = True,
-) -> tuple[Path, MergeReport]:
-    """`merge_adapter` that also returns what it measured (see MergeReport)."""
     if adapter is None:
         raise ValueError("pass the adapter directory to merge (the one `longlora train` wrote)")
     if output is None:
