@@ -130,6 +130,38 @@ def test_transformers4_gives_the_same_logits_as_transformers5(tmp_path, transfor
         assert (unscaled(input_ids=ids).logits - logits5).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "arch,scaling", [("gemma3_text", "linear"), ("gpt_neox", "linear"), ("qwen3", "yarn"), ("mistral", "dynamic")]
+)
+def test_transformers4_reads_the_legacy_forms_of_other_architectures(tmp_path, transformers4, arch, scaling):
+    """Gemma-3 (rope_local_base_freq + a rope_scaling for the global layers), GPT-NeoX (rotary_emb_base, rotary_pct)
+    and the one-entry form on Qwen3 / Mistral: a saved, finalized checkpoint gives transformers 5's logits."""
+    from longlora.modeling import finalize_saved_files
+    from tiny_models import tiny_config
+
+    config = apply_position_interpolation(tiny_config(arch), CONTEXT, scaling=scaling)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    finalize_saved_files(tmp_path / "model")
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    with torch.no_grad():
+        logits5 = model(input_ids=ids).logits  # (1, T, V)
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, torch_dtype=torch.float32)\n"
+        "with torch.no_grad():\n"
+        f"    logits = model(input_ids=torch.tensor({ids.tolist()})).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'logits4.pt')!r})\n"
+    )
+    result = run_python(code, path=transformers4, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    diff = (torch.load(tmp_path / "logits4.pt") - logits5).abs().max().item()
+    print(f"{arch} {scaling}: transformers 4 vs 5: max |logit diff| {diff:.3g}")
+    assert diff < 1e-5
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_converter():
     script = LLAMA_CPP / "convert_hf_to_gguf.py"

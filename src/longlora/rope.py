@@ -258,7 +258,7 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
         # Linear PI as LongRoPE (see _LONGROPE_ONLY_MODEL_TYPES): every frequency divided by the factor.
         params.update(
             rope_type="longrope",
-            factor=factor,
+            factor=float(factor),
             short_factor=[float(factor)] * (_rotary_dim(config, params) // 2),
             long_factor=[float(factor)] * (_rotary_dim(config, params) // 2),
             attention_factor=1.0,
@@ -270,7 +270,7 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
         return config
 
     params["rope_type"] = scaling
-    params["factor"] = factor
+    params["factor"] = float(factor)  # transformers 4.x (and 5 before 5.6) warn about an int factor
     if scaling in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = original
         if getattr(config, "original_max_position_embeddings", None) is not None:
