@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test test-fast bench install clean
+.PHONY: quickstart test test-fast test-floors bench install clean
 
 $(BIN)/longlora: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,19 @@ test: install
 test-fast: install
 	$(BIN)/pytest -q tests -m "not slow" $(ARGS)
 
+# The non-slow suite at the lowest versions pyproject.toml declares (.ci/floors.txt), in its own virtual environment.
+FLOORS ?= .venv-floors
+test-floors:
+	$(PY) -m venv $(FLOORS)
+	$(FLOORS)/bin/pip install -q --upgrade pip
+	$(FLOORS)/bin/pip install -q torch==2.13.0
+	$(FLOORS)/bin/pip install -q -c .ci/floors.txt -e '.[dev]'
+	$(FLOORS)/bin/python -c "import transformers, peft, accelerate, datasets as d; print('floors: transformers', \
+	transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', d.__version__)"
+	MALLOC_MMAP_THRESHOLD_=65536 $(FLOORS)/bin/pytest -q tests -m "not slow" $(ARGS)
+
 bench: install
 	$(BIN)/python benchmarks/attention.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOORS) build src/*.egg-info .pytest_cache

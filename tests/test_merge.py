@@ -117,6 +117,10 @@ def test_config_records_position_interpolation(trained):
     assert not any("attn_implementation" in key for key in config)
     assert (out / "tokenizer.json").is_file()
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary directory left beside it
+    # the legacy keys transformers 4.x reads, equal to rope_parameters
+    assert config["rope_scaling"] == {"type": "linear", "rope_type": "linear", "factor": 4}
+    assert config["rope_theta"] == 5000.0
+    assert not {"is_local", "local_files_only"} & set(json.loads((out / "tokenizer_config.json").read_text()))
 
 
 def test_tied_embeddings_stay_tied(trained):
@@ -156,9 +160,48 @@ def test_loads_with_plain_transformers_in_a_fresh_process(trained_pair, tmp_path
         torch.testing.assert_close(result["logits"], trained_pair[tied][3], rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_default_and_sharding(trained, tmp_path):
+def test_default_dtype_is_the_bases_and_keeps_every_trained_change(tmp_path, caplog):
+    """A float32 base merges into float32 by default (dtype 'auto'): the merged logits equal base + adapter to
+    1e-4, the merge reports that difference itself, and the small trained changes of the norm weights survive."""
+    base = make_base(tmp_path / "base", tied=False)
+    reference_model = make_adapter(base, tmp_path / "adapter")
+    with torch.no_grad():  # a few steps of training move norm weights by ~1e-4: below bfloat16's resolution near 1
+        for name, param in reference_model.named_parameters():
+            if "modules_to_save" in name and "norm" in name:
+                param.copy_(1.0 + 1e-4 * torch.randn_like(param))
+    reference_model.save_pretrained(tmp_path / "adapter")
+    with caplog.at_level("INFO", logger="longlora.merge"):
+        summary = cmd_merge(None, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.float32 and summary["dtype"] == "float32"
+    diff = (logits(merged) - logits(reference_model)).abs().max()
+    assert diff < 1e-4
+    assert summary["max_logit_diff"] is not None and summary["max_logit_diff"] < 1e-4
+    assert "max |logit difference|" in caplog.text
+    trained_norms = {
+        name.split("modules_to_save.default.")[0].removeprefix("base_model.model.").rstrip(".") + ".weight": param
+        for name, param in reference_model.named_parameters() if "modules_to_save" in name and "norm" in name
+    }
+    assert trained_norms
+    merged_params = dict(merged.named_parameters())
+    for name, trained in trained_norms.items():
+        assert torch.equal(merged_params[name], trained), name
+        assert not torch.equal(trained, torch.ones_like(trained))  # the base's norm weights are ones
+
+    # bfloat16 rounds those changes away, and the merge says so.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="longlora.merge"):
+        summary = cmd_merge(None, str(tmp_path / "adapter"), str(tmp_path / "merged-bf16"), dtype="bfloat16")
+    assert "norm weights: 100 % of trained changes are below bfloat16 resolution; --dtype float32 keeps them" in (
+        caplog.text
+    )
+    assert summary["lost_changes"]["norm weights"] == 1.0
+    assert summary["max_logit_diff"] > diff
+
+
+def test_bfloat16_and_sharding(trained, tmp_path):
     tied, base, adapter, reference, _ = trained
-    out = merge_adapter(base, adapter, tmp_path / "bf16", max_shard_size="20KB")
+    out = merge_adapter(base, adapter, tmp_path / "bf16", dtype="bfloat16", max_shard_size="20KB")
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     shards = sorted(out.glob("model-*.safetensors"))
@@ -180,6 +223,14 @@ def test_adapter_without_config_keeps_base_rope(tmp_path):
     out2 = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged2", dtype="float32", rope_factor=2)
     config2 = json.loads((out2 / "config.json").read_text())
     assert (config2["max_position_embeddings"], config2["rope_parameters"]["factor"]) == (2 * POSITIONS, 2)
+    # ... and so does `longlora merge --rope-factor`
+    from longlora.cli import main
+
+    main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged3"),
+          "--rope-factor", "2"])
+    config3 = json.loads((tmp_path / "merged3" / "config.json").read_text())
+    assert (config3["max_position_embeddings"], config3["rope_scaling"]["factor"], config3["dtype"]) == (
+        2 * POSITIONS, 2, "float32")
 
 
 def test_adapter_of_another_hidden_size_is_refused(tmp_path):

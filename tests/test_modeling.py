@@ -176,3 +176,44 @@ def test_gguf_without_the_package_says_what_to_install(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     with pytest.raises(ImportError, match="pip install gguf"):
         load_model_and_tokenizer(str(tmp_path / "model.gguf"))
+
+
+def test_eval_loader_refuses_an_adapter_trained_on_another_architecture(base_dir, tmp_path):
+    """The one loader runs merge's architecture check for every command (eval, ask, ...), before weights load."""
+    save_adapter(base_dir, tmp_path / "adapter")
+    wide = LlamaConfig.from_pretrained(base_dir)
+    wide.num_hidden_layers = 3
+    wide.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"num_hidden_layers 3 \(adapter\) vs 2 \(base\)"):
+        load_model_and_tokenizer(None, tmp_path / "adapter", device="cpu")
+
+
+def test_saved_checkpoint_files_are_finalized_for_every_reader(base_dir, tmp_path):
+    """finalize_saved_files: legacy RoPE keys consistent with rope_parameters, no attention setting, and a
+    tokenizer_config.json without transformers 5's bookkeeping keys, whose class transformers 4 also knows."""
+    from longlora.modeling import finalize_saved_files
+
+    model, tokenizer = load_model_and_tokenizer(base_dir, device="cpu", rope_factor=2)
+    model.config._attn_implementation = "s2_sdpa"
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    finalize_saved_files(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_scaling"] == {"type": "linear", "rope_type": "linear", "factor": 2}
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert not any("attn_implementation" in key for key in config)
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(tokenizer_config)
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    reloaded, reloaded_tokenizer = load_model_and_tokenizer(tmp_path, device="cpu")
+    assert reloaded.config.rope_parameters["factor"] == 2
+    assert reloaded_tokenizer("the sky is blue")["input_ids"] == tokenizer("the sky is blue")["input_ids"]
+
+
+def test_stored_dtype_is_read_from_the_weights(base_dir, tmp_path):
+    """merge --dtype auto writes what the base stores: read from the safetensors header, not guessed."""
+    from longlora.modeling import resolve_checkpoint, stored_dtype
+
+    assert stored_dtype(resolve_checkpoint(base_dir)) == torch.float32
+    LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert stored_dtype(resolve_checkpoint(tmp_path / "bf16")) == torch.bfloat16

@@ -301,3 +301,58 @@ def test_real_longrope_is_not_extended():
     )
     with pytest.raises(ValueError, match="already uses 'longrope'"):
         apply_position_interpolation(config, 512)
+
+
+# ---------------------------------------------------------------- legacy keys for transformers 4.x readers
+
+
+@pytest.mark.parametrize(
+    "arch,scaling",
+    [("llama", "linear"), ("llama", "dynamic"), ("llama", "yarn"), ("llama", "llama3"), ("qwen3", "yarn"),
+     ("gpt_neox", "linear"), ("gemma3_text", "linear"), ("gemma3_text", "yarn"), ("phi3", "linear"),
+     ("llama", "none")],
+)
+def test_legacy_keys_agree_with_rope_parameters(tmp_path, arch, scaling):
+    """config.json gets rope_scaling / rope_theta as transformers 4.x reads them; transformers 5, which prefers
+    rope_scaling when both are there, still loads exactly the rope_parameters that were written."""
+    import json
+
+    from longlora.modeling import finalize_saved_files
+
+    extended = apply_position_interpolation(tiny_config(arch, rope_theta=5e5) if arch == "llama" else tiny_config(
+        arch), 256, scaling=scaling)
+    extended.save_pretrained(tmp_path)
+    finalize_saved_files(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    entry = extended.rope_parameters.get("full_attention", extended.rope_parameters)
+    if arch == "phi3":  # LongRoPE has no legacy form with the same meaning: nothing added
+        assert "rope_scaling" not in values
+    else:
+        assert values["rope_theta"] == entry["rope_theta"]
+        if scaling == "none":
+            assert "rope_scaling" not in values
+        else:
+            legacy = values["rope_scaling"]
+            assert legacy["type"] == legacy["rope_type"] == scaling
+            assert legacy["factor"] == entry["factor"] == 4
+            expected = {k: v for k, v in entry.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            assert {k: v for k, v in legacy.items() if k != "type"} == expected
+            if scaling in ("yarn", "llama3"):
+                assert legacy["original_max_position_embeddings"] == POSITIONS
+            if scaling == "llama3":
+                assert (legacy["low_freq_factor"], legacy["high_freq_factor"]) == (1.0, 4.0)
+    if arch == "gemma3_text":
+        assert values["rope_local_base_freq"] == extended.rope_parameters["sliding_attention"]["rope_theta"]
+    if arch == "gpt_neox":
+        assert values["rotary_emb_base"] == entry["rope_theta"]
+        assert values["rotary_pct"] == entry["partial_rotary_factor"]
+    rope_logger = logging.get_logger("transformers.modeling_rope_utils")
+    with CaptureLogger(rope_logger) as captured:
+        loaded = AutoConfig.from_pretrained(tmp_path)
+    assert "Unrecognized" not in captured.out and "mismatch" not in captured.out
+    strip = (lambda d: {k: v for k, v in d.items() if k != "type"})
+    if "full_attention" in extended.rope_parameters:
+        assert {k: strip(v) for k, v in loaded.rope_parameters.items()} == extended.rope_parameters
+    else:
+        assert strip(loaded.rope_parameters) == extended.rope_parameters
+    assert loaded.max_position_embeddings == extended.max_position_embeddings

@@ -210,9 +210,12 @@ def test_two_process_data_parallel_matches_one_process_with_doubled_batch(worksp
     # two blocks: every step's global batch holds both, whatever order each sampler draws them in
     common = dict(max_steps=2, save_steps=100, gradient_checkpointing=False, max_blocks=2)
     one = tmp_path / "one"
-    run_training(load_config(TrainConfig, train_args(workspace, one, per_device_train_batch_size=2, **common)))
+    config_one = load_config(TrainConfig, train_args(workspace, one, per_device_train_batch_size=2, **common))
+    config_one.training_args["use_cpu"] = True  # the device of the 2-process run below, also on a CUDA machine
+    run_training(config_one)
     two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    # CPU ranks with gloo even where CUDA exists (two ranks on one GPU break gloo: "Connection closed by peer")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "longlora.cli", "train"] + train_args(
         workspace, two, per_device_train_batch_size=1, ddp_backend="gloo", **common)

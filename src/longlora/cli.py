@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     mg.add_argument("--adapter", required=True, help="adapter directory written by `longlora train` / `sft`")
     mg.add_argument("--output", required=True, help="new model directory (written atomically)")
-    mg.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights: bfloat16 | float16 | float32")
+    mg.add_argument("--dtype", default="auto",
+                    help="dtype of the saved weights: auto (the base checkpoint's) | bfloat16 | float16 | float32")
+    mg.add_argument("--rope-factor", type=float, default=None, help="stretch the RoPE this much more (linear PI)")
     mg.add_argument("--max-shard-size", default="2GB")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             from .merge import cmd_merge
 
             cmd_merge(ns.model, ns.adapter, ns.output, dtype=ns.dtype, overwrite=ns.overwrite,
-                      max_shard_size=ns.max_shard_size)
+                      max_shard_size=ns.max_shard_size, rope_factor=ns.rope_factor)
         elif ns.command in ("ask", "chat"):
             _cmd_generate(ns)
         elif ns.command == "convert":

@@ -90,10 +90,11 @@ def convert_gguf(
     contain the input, FileExistsError for an existing output without `overwrite`, ImportError without `gguf`.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from longlora.merge import _check_output, _unquantized_copy, atomic_directory
-    from longlora.modeling import _gguf_source, resolve_dtype
+    from longlora.io import atomic_directory, check_output_dir
+    from longlora.modeling import (
+        finalize_saved_files, load_base_model, load_tokenizer, resolve_checkpoint, resolve_dtype, unquantized_copy,
+    )
 
     source = Path(gguf_path)
     if source.suffix != ".gguf":
@@ -105,14 +106,13 @@ def convert_gguf(
         raise ValueError("dtype 'auto' has no meaning for a GGUF file (its tensors are quantized); "
                          "use float32, bfloat16 or float16")
     output = Path(output)
-    _check_output(output, overwrite, inputs=[str(source)])
-    directory, name = _gguf_source(str(source), None)  # also: a clear ImportError without the gguf package
+    check_output_dir(output, overwrite, inputs=[str(source)])
+    checkpoint = resolve_checkpoint(str(source))  # also: a clear ImportError without the gguf package
 
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, config=config, dtype=torch.float32)
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_base_model(checkpoint, torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
-        model = _unquantized_copy(model)  # save_pretrained refuses a model carrying the GGUF quantizer mark
+        model = unquantized_copy(model)  # save_pretrained refuses a model carrying the GGUF quantizer mark
     model.to(target_dtype)
     model.config.dtype = target_dtype
     # the GGUF metadata's model name ("Smollm2 135M 8k ..."), which would be saved as if it were a loadable source
@@ -124,6 +124,7 @@ def convert_gguf(
     with atomic_directory(output, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        finalize_saved_files(tmp)
     logger.info("converted %s to %s (%s)", source, output, dtype)
     return output
 

@@ -1,13 +1,15 @@
-"""Atomic file writes: a reader (or a crash) never sees half a JSON or PNG."""
+"""Atomic file writes: a reader (or a crash) never sees half a JSON, PNG or model directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextmanager
@@ -26,7 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2, sort_keys: bool = False) -> Path:
     """Write `obj` as JSON atomically (numpy scalars and paths are converted); returns the path."""
 
     def default(value):
@@ -37,5 +39,68 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
         raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, default=default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=indent, default=default, sort_keys=sort_keys) + "\n")
     return Path(path)
+
+
+def update_json(path: str | os.PathLike, update: Callable[[dict], dict]) -> Path:
+    """Rewrite the JSON object in `path` as `update(values)`, atomically and with sorted keys (as transformers
+    writes its config files); returns the path."""
+    values = json.loads(Path(path).read_text())
+    return write_json(path, update(values), sort_keys=True)
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_dir(output: Path, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Refuse an output that is a file, a non-empty directory (unless overwrite), or holds one of the inputs."""
+    for source in inputs:
+        if os.path.exists(source) and _is_within(Path(source), output):
+            raise ValueError(
+                f"output {str(output)!r} contains the input {source!r}; writing there would destroy it: "
+                "choose another output directory"
+            )
+    if output.is_file():
+        raise FileExistsError(f"output {str(output)!r} is a file; pass a directory path for the merged model")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output directory {str(output)!r} exists and is not empty; choose another one or pass overwrite "
+            "(--overwrite) to replace it"
+        )
+
+
+@contextmanager
+def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `output`; on success it becomes `output`, on error it is removed.
+
+    With overwrite, an existing `output` is replaced only once the new directory is complete (moved aside, the new
+    one renamed into place, then the old one deleted), so a failure at any point leaves the old one as it was.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield tmp
+        check_output_dir(output, overwrite)  # again: something may have appeared there meanwhile
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        old = None
+        if output.is_dir() and any(output.iterdir()):
+            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output, old)
+        try:
+            os.replace(tmp, output)  # also replaces an empty directory
+        except BaseException:
+            if old is not None:
+                os.replace(old, output)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

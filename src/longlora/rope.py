@@ -9,7 +9,9 @@ Everything here edits a transformers 5 config, never a model: the result is writ
 built or loaded, e.g. `AutoModelForCausalLM.from_pretrained(path, config=apply_position_interpolation(config, n))`,
 and `save_pretrained` then records the scaling in config.json, so every consumer of the checkpoint sees it.
 The legacy `config.rope_scaling` attribute is never assigned: in transformers 5 that replaces the dict and drops
-rope_theta.
+rope_theta. The legacy keys are added to a *saved* config.json instead (`legacy_rope_fields`), for the readers that
+know only them: transformers 4.x reads `rope_scaling` and a top-level `rope_theta` and ignores `rope_parameters`, so
+without them a merged model loads there with no interpolation and the default theta, silently.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _rope_entry(config) -> dict[str, Any]:
             "embedding (no rope_parameters), so position interpolation does not apply; LongLoRA's context extension "
             "needs a RoPE model (Llama, Mistral, Qwen, Gemma, Phi-3, GPT-NeoX, ...)"
         )
-    nested_keys = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
+    nested_keys = _nested_keys(config, params)
     if not nested_keys:
         return params
     if params.get(_GLOBAL_LAYER_TYPE) is None:
@@ -59,6 +61,18 @@ def _rope_entry(config) -> dict[str, Any]:
             f"{_GLOBAL_LAYER_TYPE!r} layers; do not know which entry to scale"
         )
     return params[_GLOBAL_LAYER_TYPE]
+
+
+def _nested_keys(config, params: dict[str, Any]) -> list[str]:
+    """The keys of `params` that are layer types (per-layer-type RoPE), [] for one shared entry.
+
+    transformers >= 5.2x answers this itself (`nested_rope_parameter_keys`, which also knows configs whose entries
+    are named otherwise); earlier 5.x releases decide the same way from `config.layer_types`, as here.
+    """
+    if hasattr(config, "nested_rope_parameter_keys"):
+        return list(config.nested_rope_parameter_keys(params))
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    return [key for key in params if key in layer_types and isinstance(params[key], dict)]
 
 
 def _rope_type(params: dict[str, Any]) -> str:
@@ -244,7 +258,7 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
         # Linear PI as LongRoPE (see _LONGROPE_ONLY_MODEL_TYPES): every frequency divided by the factor.
         params.update(
             rope_type="longrope",
-            factor=factor,
+            factor=float(factor),
             short_factor=[float(factor)] * (_rotary_dim(config, params) // 2),
             long_factor=[float(factor)] * (_rotary_dim(config, params) // 2),
             attention_factor=1.0,
@@ -256,7 +270,7 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
         return config
 
     params["rope_type"] = scaling
-    params["factor"] = factor
+    params["factor"] = float(factor)  # transformers 4.x (and 5 before 5.6) warn about an int factor
     if scaling in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = original
         if getattr(config, "original_max_position_embeddings", None) is not None:
@@ -269,3 +283,59 @@ def apply_position_interpolation(config, context_length: int, scaling: str = "li
     # transformers' own check of the keys each rope_type needs; our bug if it fails, so let it raise.
     config.validate_rope()
     return config
+
+
+# Keys of a rope-parameters entry that transformers 4.x reads from the top level of config.json, not from
+# `rope_scaling` (whose validation would flag them as unknown).
+_TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+# Scalings transformers 4.x and 5.x both read from a legacy `rope_scaling` dict with the same fields.
+_LEGACY_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+
+
+def legacy_rope_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The legacy RoPE keys that go next to `rope_parameters` in a saved config.json (the dict `values`), so that
+    readers of either form load the same RoPE. Returns {key: value}; a value of None means "remove this key".
+
+    - one rope entry (Llama, Mistral, Qwen, ...): `rope_theta` (and `partial_rotary_factor`) at the top level, and for
+      a linear / dynamic / yarn / llama3 scaling `rope_scaling` = the entry without those, with both `type` and
+      `rope_type` (older readers know only `type`). yarn and llama3 carry `original_max_position_embeddings` (and
+      llama3 its low/high frequency factors) in the entry already; dynamic NTK's reference length is
+      `max_position_embeddings` in transformers 4 and 5 alike, which `apply_position_interpolation` leaves there.
+    - per layer type (Gemma-3): transformers 4.x reads `rope_theta` (global layers), `rope_local_base_freq` (sliding
+      layers) and a `rope_scaling` that applies to the global layers only, which is the full-attention entry.
+    - GPT-NeoX: transformers 4.x names theta and the rotary fraction `rotary_emb_base` and `rotary_pct`.
+    - Phi-3's LongRoPE (our linear PI there) has no legacy form with the same meaning (transformers 4 accepts
+      exactly type/short_factor/long_factor and then derives an attention factor), so nothing is added for it.
+
+    transformers 5 prefers `rope_scaling` over `rope_parameters` when both are present, so the two must agree; that
+    is why this is computed from `rope_parameters` every time a config.json is written, never kept from before.
+    """
+    params = values.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return {}
+    if values.get("model_type") in _LONGROPE_ONLY_MODEL_TYPES:
+        return {}
+    fields: dict[str, Any] = {}
+    if isinstance(params.get(_GLOBAL_LAYER_TYPE), dict):  # per layer type (Gemma-3)
+        entry = params[_GLOBAL_LAYER_TYPE]
+        local = params.get("sliding_attention")
+        if isinstance(local, dict) and "rope_theta" in local:
+            fields["rope_local_base_freq"] = local["rope_theta"]
+    elif any(isinstance(value, dict) for value in params.values()):
+        return {}  # per-layer-type RoPE of another shape: no legacy form known
+    else:
+        entry = params
+    for key in _TOP_LEVEL_ROPE_KEYS:
+        if key in entry:
+            fields[key] = entry[key]
+    if values.get("model_type") == "gpt_neox":
+        fields["rotary_emb_base"] = entry.get("rope_theta")
+        fields["rotary_pct"] = entry.get("partial_rotary_factor", 1.0)
+    rope_type = entry.get("rope_type", entry.get("type", "default"))
+    if rope_type in _LEGACY_SCALINGS:
+        scaling = {key: value for key, value in entry.items() if key not in _TOP_LEVEL_ROPE_KEYS}
+        scaling["rope_type"] = scaling["type"] = rope_type
+        fields["rope_scaling"] = scaling
+    else:
+        fields["rope_scaling"] = None  # unscaled (or a type without a legacy form): no stale scaling may remain
+    return fields

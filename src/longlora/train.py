@@ -207,12 +207,13 @@ def _kill_point(moment: str) -> None:
 
 def _write_run_files(directory: str | Path, model, tokenizer, config: TrainConfig) -> None:
     """What makes a checkpoint (or the final output) self-contained: tokenizer, interpolated config, options."""
-    from .modeling import model_config
+    from .modeling import finalize_saved_files, model_config
 
     tokenizer.save_pretrained(directory)
     if config.finetune != "full":
         # the base config *with* position interpolation: merge and eval read the trained context from it
         model_config(model).save_pretrained(directory)
+    finalize_saved_files(directory)  # legacy RoPE keys for transformers 4.x readers, no junk tokenizer keys
     save_config(config, Path(directory) / RUN_CONFIG)
 
 
