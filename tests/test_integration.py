@@ -230,6 +230,14 @@ def test_in_eval_applies_s2_in_eval_mode_and_refuses_generation():
         torch.testing.assert_close(model(ids).logits, reference, atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="KV cache"):
             model.generate(ids[:1, :10], max_new_tokens=2, do_sample=False)
+    # inference tensors carry no version counter for the per-forward layout cache; padded rows too
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, padded, atol=0, rtol=0)
     longlora.enable_s2_attention(model, group_size=GROUP)  # default: eval is full attention again
     with torch.no_grad():
         sdpa = logits_with(model, "sdpa", ids, train=False)

@@ -152,16 +152,20 @@ def _forward_layout(mask: torch.Tensor | None, position_ids: torch.Tensor | None
     holder = mask if mask is not None else position_ids
     if holder is None:  # no mask and no positions: the regular layout, a few aranges
         return _layout_from_mask(None, None, batch, length, device)
-    layouts = getattr(holder, _LAYOUTS, None)
+    # inference tensors (torch.inference_mode, e.g. an in_eval S2 evaluation) have no version counter to key on:
+    # their layout is built per layer, in a dict that lives for this call only
+    cached = not holder.is_inference()
+    layouts = getattr(holder, _LAYOUTS, None) if cached else {}
     if layouts is None:
         layouts = {}
         setattr(holder, _LAYOUTS, layouts)
     # the tensor's version counter in every key: a tensor changed in place is read again
-    regular = ("regular", holder._version, batch, length, str(device))
+    version = holder._version if cached else 0
+    regular = ("regular", version, batch, length, str(device))
     if mask is None and (regular in layouts or (_S2_FORWARD.get() and not _POSITIONS_GIVEN.get())):
         key, args = regular, (None, None)
     else:
-        key, args = (mask is None, holder._version, batch, length, str(device)), (mask, position_ids)
+        key, args = (mask is None, version, batch, length, str(device)), (mask, position_ids)
     if key not in layouts:
         layouts[key] = _layout_from_mask(*args, batch, length, device)
     return layouts[key]
