@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .adapters import base_model
 from .attention import TokenLayout, group_segments, s2_attention, token_layout
 from .integration import (
-    S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
+    S2Settings, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
 )
 
 SP_ATTENTION = "s2_sp"
@@ -389,7 +390,7 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
     settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend="auto")
     check_s2_support(model)
     register()
-    base = _base_model(model)
+    base = base_model(model)
     base.set_attn_implementation(SP_ATTENTION)
     for module in attention_modules(model):
         module.s2_settings = settings
@@ -409,7 +410,7 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
 
 
 def _sp_settings(model) -> SequenceParallelSettings:
-    settings = getattr(_base_model(model), "_longlora_sequence_parallel", None)
+    settings = getattr(base_model(model), "_longlora_sequence_parallel", None)
     if settings is None:
         raise ValueError("call enable_sequence_parallel(model, group) before sharding batches for it")
     return settings

@@ -47,10 +47,10 @@ class TrainResult:
 
 def _model_source(config: TrainConfig) -> tuple[str, dict[str, str]]:
     """(model directory or hub id, {"gguf_file": ...} when loading a GGUF checkpoint)."""
-    from .modeling import _check_model_source, _gguf_source
+    from .modeling import check_model_source, gguf_source
 
-    _check_model_source(config.model)
-    model, gguf = _gguf_source(config.model, config.gguf_file)
+    check_model_source(config.model)
+    model, gguf = gguf_source(config.model, config.gguf_file)
     return model, ({"gguf_file": gguf} if gguf else {})
 
 

@@ -247,7 +247,8 @@ def _token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     return nll
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -322,7 +323,7 @@ def perplexity(
         )
 
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     window_losses: list[float] = []  # per-window mean loss ('window')
     total_nll, scored = 0.0, 0  # summed over scored tokens (both protocols)
