@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import TrainConfig, save_config
+from .io import move_into, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -276,12 +277,9 @@ def _make_trainer_class():
 
                 write_json(Path(staged, SUMMARY), self._run_summary(self.state))
                 Path(staged, COMPLETE).write_text(f"{time.time()}\n")
-                final = os.path.join(run_dir, name)
-                if os.path.exists(final):  # an older checkpoint of the same step (a resume that went back)
-                    old = os.path.join(staging, f"{name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                os.replace(staged, final)  # the checkpoint appears whole or not at all
+                # the checkpoint appears whole or not at all; an older one of the same step (a resume that went
+                # back) is moved into the staging folder and deleted with it
+                replace_directory(staged, os.path.join(run_dir, name), aside=os.path.join(staging, f"{name}.old"))
                 shutil.rmtree(staging, ignore_errors=True)
                 from transformers.trainer_utils import rotate_checkpoints
 
@@ -578,7 +576,7 @@ def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResul
         for f in _final_files(checkpoint):
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
         save_config(config, staging / RUN_CONFIG)  # this run's options, as a trained run's final output has
-        _move_into(staging, out)
+        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
         if not summary:  # a checkpoint from an older version: the trainer state still has the losses
             from transformers import TrainerState
 
@@ -601,18 +599,7 @@ def save_final(trainer, tokenizer, config: TrainConfig) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         _write_run_files(staging, trainer.model, tokenizer, config)
-        _move_into(staging, out)
-
-
-def _move_into(staging: Path, out: Path) -> None:
-    for i, item in enumerate(sorted(staging.iterdir())):
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-        if i == 0:
-            _kill_point("final-save")
-    staging.rmdir()
+        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
 
 
 def cmd_train(args: list[str] | None = None, **overrides) -> TrainResult:
