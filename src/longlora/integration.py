@@ -252,12 +252,8 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
     """
     settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend=backend,
                           in_eval=in_eval)
-    check_s2_support(model)
     register()
-    base = base_model(model)
-    base.set_attn_implementation(S2_ATTENTION)
-    for module in attention_modules(model):
-        module.s2_settings = settings
+    base = set_attention(model, S2_ATTENTION, settings)
     _remove_forward_hooks(base)
 
     tokens = []  # the context variables' tokens of each forward in progress (a stack: forwards may nest)
@@ -274,6 +270,17 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
     base._longlora_hooks = (base.register_forward_pre_hook(entering, with_kwargs=True),
                             base.register_forward_hook(leaving, always_call=True))
     return model
+
+
+def set_attention(model, implementation: str, settings: S2Settings):
+    """Check the model supports S2, switch it to the registered attention `implementation` and give every attention
+    layer `settings`; returns the transformers model (under a PEFT wrapper too)."""
+    check_s2_support(model)
+    base = base_model(model)
+    base.set_attn_implementation(implementation)
+    for module in attention_modules(model):
+        module.s2_settings = settings
+    return base
 
 
 def _remove_forward_hooks(base) -> None:

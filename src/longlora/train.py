@@ -427,22 +427,14 @@ def training_arguments(config: TrainConfig):
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     extra[f"{prefix}_checkpointing"] = config.gradient_checkpointing
     extra[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
+    same_name = ("output_dir", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type", "max_steps",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps",
+                 "save_total_limit", "logging_steps")  # TrainConfig fields passed on as they are
     return TrainingArguments(
-        output_dir=config.output_dir,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        **{name: getattr(config, name) for name in same_name},
         bf16=_use_bf16(config),
-        seed=config.seed,
         data_seed=config.seed,
         save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
         remove_unused_columns=False,
         **extra,
     )
