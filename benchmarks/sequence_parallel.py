@@ -238,6 +238,8 @@ def plot(bytes_rows, gloo_rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from longlora.io import atomic_path
+
     fig, (ax_b, ax_m) = plt.subplots(1, 2, figsize=(12, 5.6))
     worlds = sorted({r["ranks"] for r in bytes_rows})
     for i, world in enumerate(worlds):
@@ -272,10 +274,9 @@ def plot(bytes_rows, gloo_rows, path: Path) -> None:
         ax_m.grid(True, which="both", alpha=0.3)
         ax_m.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -167,7 +167,7 @@ def test_converted_directory_is_the_gguf_model(gguf_path, converted):
 
 
 def _reference_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """S2 from LONGLORA.md's definition: dense mask, plain softmax. (B, Hq, L, D) -> (B, L, Hq, D)."""
+    """S2 from docs/method.md's definition: dense mask, plain softmax. (B, Hq, L, D) -> (B, L, Hq, D)."""
     from s2_reference import reference_attention, reference_mask
 
     b, hq, length, _ = query.shape

@@ -39,7 +39,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + (
 _NORM_SUFFIXES = ("RMSNorm", "LayerNorm")  # LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, T5LayerNorm, ...
 
 
-def _base_model(model) -> nn.Module:
+def base_model(model) -> nn.Module:
     """The transformers model, also through a PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -62,7 +62,7 @@ def default_lora_targets(model) -> list[str]:
     dense for GPT-NeoX. Found by reading the linear layers of the model's attention modules, so an architecture
     with one of these layouts works whatever its name; any other layout raises ValueError (pass `targets`).
     """
-    model = _base_model(model)
+    model = base_model(model)
     attention = _attention_modules(model)
     if not attention:
         raise ValueError(
@@ -106,7 +106,7 @@ def trainable_module_names(model, trainable: Sequence[str] = TRAINABLE_KINDS) ->
     unknown = [kind for kind in trainable if kind not in TRAINABLE_KINDS]
     if isinstance(trainable, str) or unknown:
         raise ValueError(f"trainable must be a list drawn from {TRAINABLE_KINDS}, got {trainable!r}")
-    model = _base_model(model)
+    model = base_model(model)
     names: list[str] = []
     if "embed" in trainable:
         embedding = model.get_input_embeddings()
@@ -124,7 +124,7 @@ def trainable_module_names(model, trainable: Sequence[str] = TRAINABLE_KINDS) ->
 
 def has_tied_embeddings(model) -> bool:
     """True when lm_head and the input embedding share one weight tensor."""
-    model = _base_model(model)
+    model = base_model(model)
     output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
 

@@ -237,16 +237,8 @@ def group_runs(length: int, group_size: int, shift: int) -> list[tuple[int, int,
     return runs
 
 
-def _sdpa_regular(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group_size: int,
-    shift: int,
-    scale: float | None,
-    dropout: float,
-    sliding_window: int | None,
-) -> torch.Tensor:
+def _sdpa_regular(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, shift: int,
+                  scale: float | None, dropout: float, sliding_window: int | None) -> torch.Tensor:
     """Groups at fixed positions (no padding, no packing): views, one SDPA call per run of equal groups.
 
     q (B, L, Hq, D), k/v (B, L, Hk, D) -> (B, L, Hq, D).

@@ -24,7 +24,7 @@ QUANTIZATIONS = (None, "4bit")
 
 @dataclass
 class TrainConfig:
-    """Options of `longlora train` (defaults: the paper's recipe, LONGLORA.md)."""
+    """Options of `longlora train` (defaults: the paper's recipe, docs/method.md)."""
 
     PACKINGS: typing.ClassVar[tuple[str, ...]] = ("concat", "documents")
 

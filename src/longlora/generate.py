@@ -3,7 +3,7 @@
     model, tokenizer = load_model_and_tokenizer("models/llama-32k")
     answer = ask(model, tokenizer, read_material("paper.pdf"), "What is the main contribution?")
 
-Generation uses ordinary full attention with the KV cache (LONGLORA.md part 2: S2-Attn is a training-time
+Generation uses ordinary full attention with the KV cache (docs/method.md, "The four parts": S2-Attn is a training-time
 approximation; the weights are used with full attention). The answer streams to the terminal as it is decoded.
 
 A prompt longer than the model's context (max_position_embeddings) is *not* truncated: the model still runs, and a

@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from .adapters import base_model
 from .attention import BACKENDS, group_size_from_ratio, s2_attention, token_layout
 
 S2_ATTENTION = "s2_sdpa"
@@ -220,19 +221,15 @@ def register() -> None:
     AttentionMaskInterface.register(S2_ATTENTION, s2_mask)
 
 
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def attention_modules(model) -> list[torch.nn.Module]:
     """The modules that call transformers' attention interface (LlamaAttention, GPTNeoXAttention, ...)."""
-    return [m for m in _base_model(model).modules()
+    return [m for m in base_model(model).modules()
             if type(m).__name__.endswith("Attention") and hasattr(m, "config") and hasattr(m, "layer_idx")]
 
 
 def check_s2_support(model) -> None:
     """Raise a ValueError naming the architecture when S2-Attn cannot run on it."""
-    base = _base_model(model)
+    base = base_model(model)
     config = base.config
     arch = type(base).__name__
     configs = [config] + [getattr(config, k) for k in ("text_config",) if getattr(config, k, None) is not None]
@@ -259,12 +256,8 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
     """
     settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend=backend,
                           in_eval=in_eval)
-    check_s2_support(model)
     register()
-    base = _base_model(model)
-    base.set_attn_implementation(S2_ATTENTION)
-    for module in attention_modules(model):
-        module.s2_settings = settings
+    base = set_attention(model, S2_ATTENTION, settings)
     _remove_forward_hooks(base)
 
     tokens = []  # the context variables' tokens of each forward in progress (a stack: forwards may nest)
@@ -283,6 +276,17 @@ def enable_s2_attention(model, group_size: int | None = None, group_size_ratio: 
     return model
 
 
+def set_attention(model, implementation: str, settings: S2Settings):
+    """Check the model supports S2, switch it to the registered attention `implementation` and give every attention
+    layer `settings`; returns the transformers model (under a PEFT wrapper too)."""
+    check_s2_support(model)
+    base = base_model(model)
+    base.set_attn_implementation(implementation)
+    for module in attention_modules(model):
+        module.s2_settings = settings
+    return base
+
+
 def _remove_forward_hooks(base) -> None:
     for handle in getattr(base, "_longlora_hooks", ()):
         handle.remove()
@@ -291,8 +295,8 @@ def _remove_forward_hooks(base) -> None:
 
 def disable_s2_attention(model):
     """Restore transformers' SDPA attention. Returns the model."""
-    _base_model(model).set_attn_implementation("sdpa")
-    _remove_forward_hooks(_base_model(model))
+    base_model(model).set_attn_implementation("sdpa")
+    _remove_forward_hooks(base_model(model))
     for module in attention_modules(model):
         if hasattr(module, "s2_settings"):
             del module.s2_settings
@@ -300,7 +304,7 @@ def disable_s2_attention(model):
 
 
 def s2_enabled(model) -> bool:
-    return getattr(_base_model(model).config, "_attn_implementation", None) == S2_ATTENTION
+    return getattr(base_model(model).config, "_attn_implementation", None) == S2_ATTENTION
 
 
 register()

@@ -89,18 +89,45 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
         yield tmp
         check_output_dir(output, overwrite)  # again: something may have appeared there meanwhile
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        old = None
-        if output.is_dir() and any(output.iterdir()):
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output, old)
-        try:
-            os.replace(tmp, output)  # also replaces an empty directory
-        except BaseException:
-            if old is not None:
-                os.replace(old, output)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None) -> None:
+    """Rename the complete directory `new` to `target`; an existing non-empty `target` is first moved to `aside`
+    (default: a hidden name beside it) and deleted only once `new` is in place, and moved back if that rename fails."""
+    new, target = Path(new), Path(target)
+    old = None
+    if target.is_dir() and any(target.iterdir()):
+        old = Path(aside) if aside is not None else target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        shutil.rmtree(old, ignore_errors=True)  # left by an attempt killed earlier
+        os.replace(target, old)
+    try:
+        os.replace(new, target)  # also replaces an empty directory
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def move_into(staging: str | os.PathLike, output: str | os.PathLike,
+              after_first: Callable[[], None] | None = None) -> None:
+    """Move every entry of the complete directory `staging` into `output` (an entry of the same name is replaced:
+    a file by os.replace, a directory by `replace_directory`), then remove `staging`; `after_first` runs once the
+    first entry has moved (the crash tests' hook)."""
+    staging, output = Path(staging), Path(output)
+    for i, item in enumerate(sorted(staging.iterdir())):
+        target = output / item.name
+        if item.is_dir() and target.is_dir():
+            replace_directory(item, target)
+        else:
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        if i == 0 and after_first is not None:
+            after_first()
+    staging.rmdir()

@@ -126,10 +126,6 @@ def gguf_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     return model, gguf_file
 
 
-_check_model_source = check_model_source  # the names train.py imports
-_gguf_source = gguf_source
-
-
 def adapter_vocab_size(adapter: str | os.PathLike) -> int | None:
     """Rows of the input embedding saved in the adapter (modules_to_save), if it saved one."""
     weights = Path(adapter) / _ADAPTER_WEIGHTS[0]

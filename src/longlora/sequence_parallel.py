@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .adapters import base_model
 from .attention import TokenLayout, group_segments, s2_attention, token_layout
 from .integration import (
-    S2Settings, _base_model, attention_modules, check_s2_support, s2_attention_forward, s2_mask,
+    S2Settings, s2_attention_forward, s2_mask, set_attention,
 )
 
 SP_ATTENTION = "s2_sp"
@@ -387,12 +388,8 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence parallelism needs torch.distributed initialised (launch with torchrun)")
     settings = S2Settings(group_size=group_size, group_size_ratio=group_size_ratio, shift=shift, backend="auto")
-    check_s2_support(model)
     register()
-    base = _base_model(model)
-    base.set_attn_implementation(SP_ATTENTION)
-    for module in attention_modules(model):
-        module.s2_settings = settings
+    base = set_attention(model, SP_ATTENTION, settings)
     base._longlora_sequence_parallel = SequenceParallelSettings(group=group, s2=settings)
     for handle in getattr(base, "_longlora_sp_hooks", ()):
         handle.remove()
@@ -409,7 +406,7 @@ def enable_sequence_parallel(model, group=None, group_size: int | None = None, g
 
 
 def _sp_settings(model) -> SequenceParallelSettings:
-    settings = getattr(_base_model(model), "_longlora_sequence_parallel", None)
+    settings = getattr(base_model(model), "_longlora_sequence_parallel", None)
     if settings is None:
         raise ValueError("call enable_sequence_parallel(model, group) before sharding batches for it")
     return settings

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import TrainConfig, save_config
+from .io import move_into, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ class TrainResult:
 
 def _model_source(config: TrainConfig) -> tuple[str, dict[str, str]]:
     """(model directory or hub id, {"gguf_file": ...} when loading a GGUF checkpoint)."""
-    from .modeling import _check_model_source, _gguf_source
+    from .modeling import check_model_source, gguf_source
 
-    _check_model_source(config.model)
-    model, gguf = _gguf_source(config.model, config.gguf_file)
+    check_model_source(config.model)
+    model, gguf = gguf_source(config.model, config.gguf_file)
     return model, ({"gguf_file": gguf} if gguf else {})
 
 
@@ -276,12 +277,9 @@ def _make_trainer_class():
 
                 write_json(Path(staged, SUMMARY), self._run_summary(self.state))
                 Path(staged, COMPLETE).write_text(f"{time.time()}\n")
-                final = os.path.join(run_dir, name)
-                if os.path.exists(final):  # an older checkpoint of the same step (a resume that went back)
-                    old = os.path.join(staging, f"{name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                os.replace(staged, final)  # the checkpoint appears whole or not at all
+                # the checkpoint appears whole or not at all; an older one of the same step (a resume that went
+                # back) is moved into the staging folder and deleted with it
+                replace_directory(staged, os.path.join(run_dir, name), aside=os.path.join(staging, f"{name}.old"))
                 shutil.rmtree(staging, ignore_errors=True)
                 from transformers.trainer_utils import rotate_checkpoints
 
@@ -429,22 +427,14 @@ def training_arguments(config: TrainConfig):
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     extra[f"{prefix}_checkpointing"] = config.gradient_checkpointing
     extra[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
+    same_name = ("output_dir", "learning_rate", "weight_decay", "warmup_steps", "lr_scheduler_type", "max_steps",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "save_steps",
+                 "save_total_limit", "logging_steps")  # TrainConfig fields passed on as they are
     return TrainingArguments(
-        output_dir=config.output_dir,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        **{name: getattr(config, name) for name in same_name},
         bf16=_use_bf16(config),
-        seed=config.seed,
         data_seed=config.seed,
         save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
         remove_unused_columns=False,
         **extra,
     )
@@ -578,7 +568,7 @@ def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResul
         for f in _final_files(checkpoint):
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
         save_config(config, staging / RUN_CONFIG)  # this run's options, as a trained run's final output has
-        _move_into(staging, out)
+        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
         if not summary:  # a checkpoint from an older version: the trainer state still has the losses
             from transformers import TrainerState
 
@@ -601,18 +591,7 @@ def save_final(trainer, tokenizer, config: TrainConfig) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         _write_run_files(staging, trainer.model, tokenizer, config)
-        _move_into(staging, out)
-
-
-def _move_into(staging: Path, out: Path) -> None:
-    for i, item in enumerate(sorted(staging.iterdir())):
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-        if i == 0:
-            _kill_point("final-save")
-    staging.rmdir()
+        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
 
 
 def cmd_train(args: list[str] | None = None, **overrides) -> TrainResult:

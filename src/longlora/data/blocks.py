@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..io import atomic_path
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
     from transformers import PreTrainedTokenizerBase
@@ -183,12 +185,11 @@ def _write_arrow(tables: Iterable, path: str, features) -> None:
     """Write tables to `path` through a temporary file, so that an interrupted run leaves no half cache behind."""
     from datasets.arrow_writer import ArrowWriter
 
-    partial = f"{path}.{os.getpid()}.partial"
-    with ArrowWriter(features=features, path=partial) as writer:
-        for table in tables:
-            writer.write_table(table)
-        writer.finalize()
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        with ArrowWriter(features=features, path=str(partial)) as writer:
+            for table in tables:
+                writer.write_table(table)
+            writer.finalize()
 
 
 def _short_corpus_message(total: int, num_docs: int, context_length: int) -> str:

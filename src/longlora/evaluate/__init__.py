@@ -1,6 +1,6 @@
 """Evaluation: perplexity at several context lengths and passkey retrieval, each with JSON + PNG outputs.
 
-`cmd_eval_perplexity` and `cmd_eval_passkey` are the plain functions behind `longlora eval-ppl` / `eval-passkey`.
+`cmd_eval_perplexity` and `cmd_eval_passkey` are the plain functions behind `longlora eval perplexity` / `eval passkey`.
 """
 
 from __future__ import annotations
@@ -55,22 +55,11 @@ def _release_memory() -> None:
 
 
 def cmd_eval_perplexity(
-    models: Sequence[str],
-    adapter: str | None = None,
-    data: str | None = None,
-    lengths: Sequence[int] = (1024, 2048, 4096),
-    protocol: str = "window",
-    stride: int = 256,
-    max_windows: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 1,
-    dtype: str = "auto",
-    rope_factor: float | None = None,
-    output: str | os.PathLike = "runs/eval/perplexity.json",
-    *,
-    token_dtype: str = "uint16",
-    device: str | None = None,
-    progress: bool = True,
+    models: Sequence[str], adapter: str | None = None, data: str | None = None,
+    lengths: Sequence[int] = (1024, 2048, 4096), protocol: str = "window", stride: int = 256,
+    max_windows: int | None = None, max_tokens: int | None = None, batch_size: int = 1, dtype: str = "auto",
+    rope_factor: float | None = None, output: str | os.PathLike = "runs/eval/perplexity.json",
+    *, token_dtype: str = "uint16", device: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of each model at each length; writes <output>.json and a plot <output>.png beside it.
 

@@ -80,7 +80,7 @@ def make_generate_fn(model, tokenizer, max_new_tokens: int = 8) -> Callable[[str
     import torch
     from transformers import GenerationConfig
 
-    from longlora.evaluate.perplexity import _model_device
+    from longlora.evaluate.perplexity import model_device
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(
@@ -88,7 +88,7 @@ def make_generate_fn(model, tokenizer, max_new_tokens: int = 8) -> Callable[[str
     )
 
     def generate(prompt: str) -> str:
-        inputs = tokenizer(prompt, return_tensors="pt", verbose=False).to(_model_device(model))
+        inputs = tokenizer(prompt, return_tensors="pt", verbose=False).to(model_device(model))
         with torch.inference_mode():
             out = model.generate(**inputs, generation_config=config)  # (1, prompt + new)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

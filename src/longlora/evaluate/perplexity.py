@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_path
+
 PROTOCOLS = ("window", "sliding")
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -55,10 +57,8 @@ def save_token_bin(tokens: Sequence[int] | np.ndarray, path: str | os.PathLike, 
     if array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
         raise ValueError(f"token ids span [{array.min()}, {array.max()}], which {dtype} cannot hold; use uint32")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    array.astype(dtype).tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        array.astype(dtype).tofile(tmp)
     return path
 
 
@@ -247,7 +247,8 @@ def _token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     return nll
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -322,7 +323,7 @@ def perplexity(
         )
 
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     window_losses: list[float] = []  # per-window mean loss ('window')
     total_nll, scored = 0.0, 0  # summed over scored tokens (both protocols)
