@@ -1,6 +1,7 @@
 """`longlora quickstart`: the whole LongLoRA workflow on the embedded default model, on a laptop CPU, in minutes.
 
-1. the embedded base (a small Llama pretrained at 256 tokens on the Python standard library, built on first use);
+1. the embedded base (a small Llama pretrained at 256 tokens on the Python standard library; its weights ship with
+   the package, `--rebuild-base` makes them again from the recipe);
 2. perplexity of the base at its own length and at 4x, as is and with position interpolation only;
 3. `train`: extend it to 4x with S2-Attn + LoRA+ + linear PI (the paper's recipe, scaled down);
 4. perplexity of the extended model at both lengths and passkey retrieval at 4x;
@@ -66,8 +67,31 @@ def _perplexities(model, tokenizer, data: Path, lengths, windows: int, label: st
 
 
 def run_quickstart(output: str | os.PathLike = "runs/quickstart", *, fast: bool = False,
-                   cache_dir: str | os.PathLike | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run the five steps; returns (and writes to <output>/summary.json) the before/after numbers."""
+                   cache_dir: str | os.PathLike | None = None, seed: int = 0, rebuild_base: bool = False,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Run the five steps; returns (and writes to <output>/summary.json) the before/after numbers.
+
+    rebuild_base: make the embedded base again from its recipe (into `cache_dir`) instead of using the shipped one.
+    threads: torch CPU threads for the whole run (default: the cores torch sees).
+    """
+    import torch
+
+    from .embedded import check_recipe_supported
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if rebuild_base:
+        check_recipe_supported()  # before anything is written
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(output, fast, cache_dir, seed, rebuild_base)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(output, fast: bool, cache_dir, seed: int, rebuild_base: bool) -> dict[str, Any]:
     import torch
 
     from .embedded import embedded_model_path
@@ -86,7 +110,7 @@ def run_quickstart(output: str | os.PathLike = "runs/quickstart", *, fast: bool 
     lengths = [BASE_LENGTH, target]
 
     print("[1/5] embedded base model", flush=True)
-    base = embedded_model_path(cache_dir)
+    base = embedded_model_path(cache_dir, rebuild=rebuild_base)
     data_dir = out / "data"
     train_dir = _write_split(data_dir / "train", "train", plan.train_files)
     heldout_dir = _write_split(data_dir / "heldout", "heldout", None)
@@ -152,5 +176,6 @@ def _print_table(by: dict, lengths: list[int], summary: dict) -> None:
 
 
 def cmd_quickstart(output: str = "runs/quickstart", fast: bool = False, cache_dir: str | None = None,
-                   seed: int = 0) -> dict[str, Any]:
-    return run_quickstart(output, fast=fast, cache_dir=cache_dir, seed=seed)
+                   seed: int = 0, rebuild_base: bool = False, threads: int | None = None) -> dict[str, Any]:
+    return run_quickstart(output, fast=fast, cache_dir=cache_dir, seed=seed, rebuild_base=rebuild_base,
+                          threads=threads)
