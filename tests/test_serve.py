@@ -264,3 +264,34 @@ def test_browser_paste_ask_and_read_the_streamed_answer(server, saved_model, tmp
                 page.screenshot(path=os.environ["LONGLORA_SCREENSHOT"], full_page=True)
         finally:
             browser.close()
+
+
+def test_browser_tab_closed_mid_answer_frees_the_generation(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no system Chromium (Debian: apt-get install chromium)")
+    app, url = server
+    chat = _chat_of(app)
+    slow = chat.model.register_forward_pre_hook(lambda *a: time.sleep(0.1))  # 256 tokens: ~26 s
+    before = chat.generations
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = _launch_chromium(p)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(120_000)
+                page.goto(url, wait_until="load")
+                page.locator("#document textarea").fill(MATERIAL)
+                page.locator("#question textarea").fill(QUESTION)
+                page.locator("#ask").click()
+                page.wait_for_function("e => e.value.length > 0", arg=page.locator("#answer textarea").element_handle())
+                closed = time.time()
+                page.close()  # the tab goes away mid-answer
+            finally:
+                browser.close()
+        while chat.active.is_set() and time.time() < closed + 60:
+            time.sleep(0.1)
+        assert not chat.active.is_set() and chat.generations == before + 1
+        assert time.time() - closed < 20  # stopped, not run to its 256 tokens
+    finally:
+        slow.remove()
