@@ -172,9 +172,27 @@ def server(saved_model):
     app.close()
 
 
+def _fn(app, name):
+    return next(f for f in app.fns.values() if f.name == name).fn
+
+
 def _chat_of(app) -> DocumentChat:
-    fn = next(f for f in app.fns.values() if f.name == "respond").fn
-    return next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, DocumentChat))
+    return next(c.cell_contents for c in _fn(app, "respond").__closure__ if isinstance(c.cell_contents, DocumentChat))
+
+
+def test_upload_reads_text_files_within_the_limit(server, tmp_path):
+    import gradio
+
+    app, _ = server
+    load_file = _fn(app, "load_file")
+    (tmp_path / "notes.md").write_text("the sky is blue .")
+    assert load_file(str(tmp_path / "notes.md")) == "the sky is blue ."
+    (tmp_path / "big.txt").write_bytes(b"x" * 4_000_001)
+    with pytest.raises(gradio.Error, match="over this server's limit of 4,000,000"):
+        load_file(str(tmp_path / "big.txt"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(gradio.Error, match="upload a .txt, .md, .py file"):
+        load_file(str(tmp_path / "image.png"))
 
 
 def test_api_answer_equals_longlora_ask_and_refuses_with_numbers(server, saved_model, tmp_path):

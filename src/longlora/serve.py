@@ -286,8 +286,10 @@ def build_app(chat: DocumentChat, *, title: str = "longlora: ask a long document
         document.change(count, document, tokens, api_name="count", queue=False, trigger_mode="always_last")
         upload.upload(load_file, upload, document, api_name=False)
         inputs = [document, question, truncate, max_new_tokens, temperature, top_p, state]
-        asked = ask_button.click(respond, inputs, [answer, history, state], api_name="ask")
-        submitted = question.submit(respond, inputs, [answer, history, state], api_name=False)
+        # one concurrency group for both triggers: a single generation slot, the rest wait in the queue
+        asked = ask_button.click(respond, inputs, [answer, history, state], api_name="ask", concurrency_id="generate")
+        submitted = question.submit(respond, inputs, [answer, history, state], api_name=False,
+                                    concurrency_id="generate")
         stop_button.click(None, None, None, cancels=[asked, submitted], api_name=False)
         new_button.click(clear, None, [answer, history, state], api_name=False, cancels=[asked, submitted])
     app.queue(default_concurrency_limit=1, max_size=limits.queue_size)
