@@ -150,6 +150,16 @@ def test_serve_without_a_model_says_how_to_make_one(tmp_path, monkeypatch):
     assert resolve_model("m", None) == "m"
 
 
+def test_serve_without_gradio_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    from longlora.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert main(["serve", "--model", "unused"]) == 2
+    assert "pip install 'longlora[serve]'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ HTTP / page
 
 

@@ -302,6 +302,9 @@ def _gradio():
         import gradio
     except ImportError as error:
         raise ImportError("`longlora serve` needs Gradio: pip install 'longlora[serve]'") from error
+    if not hasattr(gradio, "Blocks"):  # a stray ./gradio directory (Gradio's own /tmp/gradio cache) imports empty
+        raise ImportError(f"`gradio` imports from {list(gradio.__path__)}, not the Gradio package: "
+                          "pip install 'longlora[serve]', or run from another directory")
     return gradio
 
 
