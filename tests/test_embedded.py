@@ -305,7 +305,8 @@ def test_rebuild_without_muon_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_ship_model_stores_float16_and_matches_its_build(tiny_build, tmp_path):
     shipped = embedded.ship_model(tiny_build, tmp_path / "shipped")
-    assert is_built(shipped) and (shipped / "tokenizer.json").read_bytes() == (tiny_build / "tokenizer.json").read_bytes()
+    assert is_built(shipped)
+    assert (shipped / "tokenizer.json").read_bytes() == (tiny_build / "tokenizer.json").read_bytes()
     assert {t.dtype for t in load_file(shipped / "model.safetensors").values()} == {torch.float16}
     assert embedded.shipped_weights_match(tiny_build, shipped)
     assert not embedded.shipped_weights_match(build_tiny(tmp_path / "other", seed=1), shipped)

@@ -34,14 +34,15 @@ def test_quickstart_fast_extends_the_embedded_model(tmp_path):
     assert summary["extended_beats_pi_only"] is True
     # passkey with both templates: base at 256, base + PI and extended at 1024
     assert {label: sorted(by) for label, by in summary["passkey"].items()} == {
-        "base": ["code", "paper"], "base + PI (no training)": ["code", "paper"], "extended (LongLoRA)": ["code", "paper"]
+        label: ["code", "paper"] for label in ("base", "base + PI (no training)", "extended (LongLoRA)")
     }
     assert list(summary["passkey"]["base"]["code"]) == ["256"]
     assert list(summary["passkey"]["extended (LongLoRA)"]["code"]) == ["1024"]
     records = json.loads((out / "passkey.json").read_text())["extended (LongLoRA)"]["code"]["records"]
     assert len(records) == 5 and all(900 < r["prompt_tokens"] <= 1024 for r in records)
     assert summary["threads"] == 1  # --threads
-    for name in ("perplexity.png", "passkey_heatmap.png", "passkey_code_heatmap.png", "merged/config.json", "adapter/adapter_model.safetensors"):
+    for name in ("perplexity.png", "passkey_heatmap.png", "passkey_code_heatmap.png", "merged/config.json",
+                 "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged["max_position_embeddings"] == 1024

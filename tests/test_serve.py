@@ -97,7 +97,8 @@ def test_truncating_the_middle_keeps_both_ends_and_fits(chat):
 def test_follow_up_reuses_the_documents_kv_cache(chat):
     messages = chat.first_turn(MATERIAL, QUESTION, 6, truncate=False)
     answer = _last(chat.stream(messages, 6, 0.0, 1.0))
-    follow = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "what colour is the sun ?"}]
+    follow = messages + [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "what colour is the sun ?"}]
     seen = []
     hook = chat.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
                                                 with_kwargs=True)

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
     sv.add_argument("--max-document-chars", type=int, default=2_000_000)
-    sv.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the largest max new tokens a request may ask")
+    sv.add_argument("--max-new-tokens-limit", type=int, default=2048,
+                    help="the largest max new tokens a request may ask")
     cv = sub.add_parser("convert", help="a GGUF checkpoint -> a normal Hugging Face model directory (dequantised)")
     cv.add_argument("--model", required=True, help="the .gguf file")
     cv.add_argument("--output", required=True)
@@ -118,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default ~/.cache/longlora)")
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--rebuild-base", action="store_true",
-                    help="make the embedded base again from its recipe (minutes; torch >= 2.9) instead of the shipped one")
+                    help="make the embedded base again from its recipe (minutes; torch >= 2.9) instead of the shipped "
+                    "one; with --threads 1 it is the shipped one")
     qs.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores torch sees)")
     return parser
 

@@ -19,7 +19,7 @@ AdamW alone (best of 3e-3 / 6e-3 / 1e-2) reached only 142 at 256 with the same c
 
 The recipe's result ships with the package (`longlora/embedded_base/`: float16 safetensors, 4.8 MB, and the
 tokenizer), so a first run starts at once. `embedded_model_path()` returns that copy; `rebuild=True`
-(`longlora quickstart --rebuild-base`) makes it again from the recipe into the cache (~7 minutes at 1 thread on
+(`longlora quickstart --rebuild-base`) makes it again from the recipe into the cache (~5 minutes at 1 thread on
 an idle AVX2 core; needs torch >= 2.9 for Muon). `build_base_model(dir)` builds one on demand and `ship_model`
 writes a build in the shipped form (`python -m longlora.embedded` does both). Every write is atomic: an
 interrupted build leaves nothing behind.
@@ -537,7 +537,7 @@ def is_built(path: str | os.PathLike) -> bool:
 
 
 def cached_model_path(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """The embedded model built from the recipe into the cache, built on first use (~7 minutes at 1 thread).
+    """The embedded model built from the recipe into the cache, built on first use (~5 minutes at 1 thread).
 
     cache_dir: the cache root; default `$LONGLORA_CACHE`, else ~/.cache/longlora. The model lives in
     `<cache_dir>/embedded-<version>`. Concurrent first uses may both build; the first to finish wins.

@@ -141,8 +141,8 @@ def cmd_eval_passkey(
     template: str = "paper",
 ) -> dict[str, Any]:
     """Passkey retrieval accuracy by length and depth (template 'paper' or 'code', see evaluate.passkey); writes
-    <output>.json, <output>_heatmap.png and <output>_accuracy.png. `model` is 'path' or 'label=path'; it may be None (or an adapter directory) when
-    `adapter` names its base model."""
+    <output>.json, <output>_heatmap.png and <output>_accuracy.png. `model` is 'path' or 'label=path'; it may be None
+    (or an adapter directory) when `adapter` names its base model."""
     from longlora.io import write_json
     from longlora.modeling import load_model_and_tokenizer
     from longlora.plots import plot_passkey_accuracy, plot_passkey_heatmap

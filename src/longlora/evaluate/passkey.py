@@ -209,7 +209,8 @@ def run_passkey(
 
     generate_fn(prompt) -> answer text; defaults to greedy decoding with `model` (tests pass a stub, model may then
     be None). Lengths above the model's max_position_embeddings raise a ValueError (pass --rope-factor).
-    Returns {template, lengths, depths, trials, seed, accuracy: {length: acc}, accuracy_by_depth: {length: {depth: acc}},
+    Returns {template, lengths, depths, trials, seed, accuracy: {length: acc},
+    accuracy_by_depth: {length: {depth: acc}},
     grid: [[acc per depth] per length], overall_accuracy, records: [{length, depth, trial, key, key_position,
     prompt_tokens, answer, correct}]}; dict keys are strings so the result is JSON as is.
     """
