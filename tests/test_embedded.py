@@ -16,7 +16,9 @@ from longlora.embedded import (
     EXCLUDED_DIRS,
     METADATA_FILE,
     EmbeddedConfig,
+    SHIPPED_DIR,
     build_base_model,
+    cached_model_path,
     embedded_model_path,
     is_built,
     stdlib_split,
@@ -199,13 +201,13 @@ def test_cache_builds_once_under_its_version(tmp_path, monkeypatch):
         return build_tiny(*args, **{k: v for k, v in kwargs.items() if k != "progress"})
 
     monkeypatch.setattr(embedded, "build_base_model", counting_build)
-    path = embedded_model_path(tmp_path, progress=False)
+    path = cached_model_path(tmp_path, progress=False)
     assert path == tmp_path / f"embedded-{EMBEDDED_VERSION}" and is_built(path)
-    assert embedded_model_path(tmp_path, progress=False) == path
+    assert cached_model_path(tmp_path, progress=False) == path
     assert len(calls) == 1  # the second call found the finished build
 
     monkeypatch.setenv("LONGLORA_CACHE", str(tmp_path))
-    assert embedded_model_path(progress=False) == path and len(calls) == 1
+    assert cached_model_path(progress=False) == path and len(calls) == 1
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
@@ -215,7 +217,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "_pretrain", interrupted)
     monkeypatch.setattr(embedded, "build_base_model", build_tiny)
     with pytest.raises(KeyboardInterrupt):
-        embedded_model_path(tmp_path, progress=False)
+        cached_model_path(tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # no half model, no temporary directory
 
 
@@ -232,6 +234,98 @@ def test_cache_keeps_the_build_of_a_process_that_finished_first(tmp_path, monkey
 
     monkeypatch.setattr(embedded, "_pretrain", racing)
     monkeypatch.setattr(embedded, "build_base_model", build_tiny)
-    assert embedded_model_path(tmp_path, progress=False) == target
+    assert cached_model_path(tmp_path, progress=False) == target
     assert json.loads((target / METADATA_FILE).read_text())["seed"] == 5  # the first finished build is kept
     assert list(tmp_path.iterdir()) == [target]  # and ours left no temporary directory
+
+
+# ----------------------------------------------------------------------------------------------------- threads
+
+
+def test_default_threads_are_the_cores_torch_sees_whatever_the_load(monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0), raising=False)
+    assert embedded.default_threads() == torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------------- shipped
+
+
+def _shipped_metadata() -> dict:
+    return json.loads((SHIPPED_DIR / METADATA_FILE).read_text())
+
+
+def test_embedded_model_path_is_the_shipped_copy_of_the_current_recipe(tmp_path):
+    from dataclasses import asdict
+
+    assert is_built(SHIPPED_DIR)
+    assert embedded_model_path(tmp_path, progress=False) == SHIPPED_DIR
+    assert list(tmp_path.iterdir()) == []  # nothing built
+    meta = _shipped_metadata()
+    recipe = {k: v for k, v in asdict(EmbeddedConfig()).items() if k != "threads"}
+    assert {k: v for k, v in meta["recipe"].items() if k != "threads"} == recipe
+    assert meta["version"] == EMBEDDED_VERSION and meta["shipped_dtype"] == "float16" and meta["seed"] == 0
+    tensors = load_file(SHIPPED_DIR / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert sum(t.numel() for t in tensors.values()) == meta["parameters"]
+
+
+def test_shipped_weights_load_as_float32_with_the_builds_perplexity():
+    """float16 storage costs no quality: the held-out perplexity at 256 matches the one the build measured in
+    float32 (same windows) within 1 %."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR, dtype="auto")
+    assert model.dtype == torch.float32 and model.config.max_position_embeddings == 256
+    meta = _shipped_metadata()
+    ppl = embedded.heldout_perplexity(SHIPPED_DIR, 256, max_windows=meta["recipe"]["heldout_windows"])
+    assert ppl == pytest.approx(meta["heldout_perplexity@256"], rel=0.01)
+
+
+def test_rebuild_builds_into_the_cache_and_replaces_an_earlier_one(tmp_path, monkeypatch):
+    calls = []
+
+    def counting_build(path, **kwargs):
+        calls.append(path)
+        return build_tiny(path, overwrite=kwargs["overwrite"], seed=len(calls))
+
+    monkeypatch.setattr(embedded, "build_base_model", counting_build)
+    target = tmp_path / f"embedded-{EMBEDDED_VERSION}"
+    assert embedded_model_path(tmp_path, progress=False, rebuild=True) == target
+    assert embedded_model_path(tmp_path, progress=False, rebuild=True) == target
+    assert len(calls) == 2 and json.loads((target / METADATA_FILE).read_text())["seed"] == 2
+    assert embedded_model_path(tmp_path, progress=False) == SHIPPED_DIR  # without rebuild: the shipped copy
+
+
+def test_rebuild_without_muon_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(ValueError, match=r"torch >= 2.9.*without --rebuild-base"):
+        embedded_model_path(tmp_path, progress=False, rebuild=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ship_model_stores_float16_and_matches_its_build(tiny_build, tmp_path):
+    shipped = embedded.ship_model(tiny_build, tmp_path / "shipped")
+    assert is_built(shipped)
+    assert (shipped / "tokenizer.json").read_bytes() == (tiny_build / "tokenizer.json").read_bytes()
+    assert {t.dtype for t in load_file(shipped / "model.safetensors").values()} == {torch.float16}
+    assert embedded.shipped_weights_match(tiny_build, shipped)
+    assert not embedded.shipped_weights_match(build_tiny(tmp_path / "other", seed=1), shipped)
+    with pytest.raises(FileNotFoundError, match="no complete embedded build"):
+        embedded.ship_model(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_rebuilding_from_the_recipe_reproduces_the_shipped_base(tmp_path):
+    """The committed recipe makes the shipped weights: bitwise (same torch, CPU kind and thread count), else within
+    1 % held-out perplexity at 256. Built with the shipped build's thread count: float reductions split across
+    threads differently, so another count gives other weights (2 threads instead of 1: perplexity 43.71 vs 43.27).
+    ~15 minutes on CPU (the whole 300-step pretraining on one thread)."""
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("the recipe needs torch.optim.Muon (torch >= 2.9)")
+    threads = _shipped_metadata()["threads"]
+    rebuilt = build_base_model(tmp_path / "rebuilt", progress=False, config=EmbeddedConfig(threads=threads))
+    assert (rebuilt / "tokenizer.json").read_bytes() == (SHIPPED_DIR / "tokenizer.json").read_bytes()
+    if not embedded.shipped_weights_match(rebuilt, SHIPPED_DIR):
+        meta = _shipped_metadata()
+        ppl = json.loads((rebuilt / METADATA_FILE).read_text())["heldout_perplexity@256"]
+        assert ppl == pytest.approx(meta["heldout_perplexity@256"], rel=0.01)

@@ -7,8 +7,9 @@
     longlora merge --model BASE --adapter DIR --output OUT
     longlora ask --model M --material FILE --question "..."
     longlora chat --model M --material FILE
+    longlora serve [--model M] [--adapter A] [--host 127.0.0.1] [--port 7860]
     longlora convert --model file.gguf --output DIR
-    longlora quickstart [--output DIR] [--fast]
+    longlora quickstart [--output DIR] [--fast] [--rebuild-base] [--threads N]
 
 A mistake in the input (a missing file, a bad option, data that cannot be used) ends the command with one line on
 stderr that names the problem and exit status 2; `longlora --debug ...` or LONGLORA_DEBUG=1 shows the traceback.
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     pk.add_argument("--trials", type=int, default=5)
     pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--template", choices=["paper", "code"], default="paper",
+                    help="paper: the paper's English prompt; code: PASSKEY = K hidden in held-out Python source")
     pk.add_argument("--output", default="runs/eval/passkey.json")
     mg = sub.add_parser("merge", help="fold an adapter into its base: a standalone Hugging Face model directory")
     mg.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
@@ -112,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
+    sv = sub.add_parser("serve", help="ask a long document in the browser (pip install 'longlora[serve]')")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--template", default="auto", choices=["auto", "chat_template", "llama2"])
+    sv.add_argument("--max-document-chars", type=int, default=2_000_000)
+    sv.add_argument("--max-new-tokens-limit", type=int, default=2048,
+                    help="the largest max new tokens a request may ask")
     cv = sub.add_parser("convert", help="a GGUF checkpoint -> a normal Hugging Face model directory (dequantised)")
     cv.add_argument("--model", required=True, help="the .gguf file")
     cv.add_argument("--output", required=True)
@@ -123,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--fast", action="store_true", help="fewer steps and windows (the CI smoke run)")
     qs.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default ~/.cache/longlora)")
     qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--rebuild-base", action="store_true",
+                    help="make the embedded base again from its recipe (minutes; torch >= 2.9) instead of the shipped "
+                    "one; with --threads 1 it is the shipped one")
+    qs.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores torch sees)")
     return parser
 
 
@@ -153,7 +168,7 @@ def _cmd_eval(ns: argparse.Namespace) -> None:
     else:
         cmd_eval_passkey(ns.model, adapter=ns.adapter, lengths=ns.lengths, depths=ns.depths, trials=ns.trials,
                          seed=ns.seed, rope_factor=ns.rope_factor, output=ns.output, dtype=ns.dtype,
-                         device=ns.device)
+                         device=ns.device, template=ns.template)
 
 
 def _option_help(cls) -> str:
@@ -239,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                       max_shard_size=ns.max_shard_size, rope_factor=ns.rope_factor)
         elif ns.command in ("ask", "chat"):
             _cmd_generate(ns)
+        elif ns.command == "serve":
+            from .serve import ServeLimits, cmd_serve
+
+            cmd_serve(ns.model, ns.adapter, ns.host, ns.port, dtype=ns.dtype, device=ns.device,
+                      rope_factor=ns.rope_factor, template=ns.template,
+                      limits=ServeLimits(max_document_chars=ns.max_document_chars,
+                                         max_new_tokens_limit=ns.max_new_tokens_limit))
         elif ns.command == "convert":
             from .convert import cmd_convert
 
@@ -246,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "quickstart":
             from .quickstart import cmd_quickstart
 
-            cmd_quickstart(ns.output, fast=ns.fast, cache_dir=ns.cache_dir, seed=ns.seed)
+            cmd_quickstart(ns.output, fast=ns.fast, cache_dir=ns.cache_dir, seed=ns.seed,
+                           rebuild_base=ns.rebuild_base, threads=ns.threads)
     except KeyboardInterrupt:
         print(f"longlora {ns.command}: interrupted", file=sys.stderr)
         return 130

@@ -12,13 +12,17 @@ on first use, from text every Python installation carries: the standard library'
   attention/MLP matrices and AdamW on the embedding and norms, so that extending it to 1024 tokens (position
   interpolation x4 + LongLoRA) is a real, measurable task.
 
-Measured on Python 3.11 (held-out split, 'window' protocol, stride 256): perplexity 43.7 at 256 tokens; at 1024
+Measured on Python 3.11 (held-out split, 'window' protocol, stride 256): perplexity 43.3 at 256 tokens; at 1024
 tokens 62.1 as is (positions never seen in training; 1.8x worse on the tokens past 512) and 56.5 with linear PI x4
 and no training; after `longlora quickstart` (S2-Attn + LoRA+ + PI x4, 120 steps of 4 x 1024 tokens) 43.0.
 AdamW alone (best of 3e-3 / 6e-3 / 1e-2) reached only 142 at 256 with the same compute.
 
-`embedded_model_path()` returns the cached build (building it the first time: ~4 minutes on 2 idle cores);
-`build_base_model(dir)` builds one on demand. Both write atomically: an interrupted build leaves nothing behind.
+The recipe's result ships with the package (`longlora/embedded_base/`: float16 safetensors, 4.8 MB, and the
+tokenizer), so a first run starts at once. `embedded_model_path()` returns that copy; `rebuild=True`
+(`longlora quickstart --rebuild-base`) makes it again from the recipe into the cache (~5 minutes at 1 thread on
+an idle AVX2 core; needs torch >= 2.9 for Muon). `build_base_model(dir)` builds one on demand and `ship_model`
+writes a build in the shipped form (`python -m longlora.embedded` does both). Every write is atomic: an
+interrupted build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -100,8 +104,9 @@ class EmbeddedConfig:
     after the default 300 steps: 44, versus 142 with AdamW alone at its best learning rate); or 'adamw'."""
     muon_learning_rate: float = 0.03
     threads: int | None = None
-    """torch CPU threads during the build; None: `default_threads()`. The weights do not depend on it (the default
-    build came out bitwise identical with 1 and 2 threads)."""
+    """torch CPU threads during the build; None: `default_threads()` (the cores torch sees). The weights depend on
+    it (reductions split across threads differently): the shipped build used 1 thread (held-out perplexity at 256:
+    43.27); the same recipe on 2 threads gave 43.71."""
     max_train_files: int | None = None
     """Use only the first N training files (quick experiments and tests); None uses the whole train split."""
     heldout_windows: int = 512
@@ -266,20 +271,14 @@ def model_config(config: EmbeddedConfig, tokenizer):
 
 
 def default_threads() -> int:
-    """torch's default thread count, reduced to the cores the 1-minute load average leaves free (at least 1).
+    """The CPU threads torch uses by default (the cores it sees).
 
-    On a busy machine every OpenMP region waits for its slowest thread: with 2 threads on 2 cores that other jobs
-    already occupy, a pretraining step measured 8 s, against 1.1 s with 1 thread.
+    Not derived from the load average: a momentary one at start-up would pin a whole run to one thread on a machine
+    that is idle a minute later. Pass `threads` (`--threads`) to share a busy machine.
     """
     import torch
 
-    threads = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        return threads
-    free = (os.cpu_count() or threads) - busy
-    return max(1, min(threads, int(free + 0.5)))
+    return torch.get_num_threads()
 
 
 @contextmanager
@@ -537,8 +536,8 @@ def is_built(path: str | os.PathLike) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
-def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """The embedded base model's directory, built on first use (~4 minutes on 2 CPU cores, no download).
+def cached_model_path(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
+    """The embedded model built from the recipe into the cache, built on first use (~5 minutes at 1 thread).
 
     cache_dir: the cache root; default `$LONGLORA_CACHE`, else ~/.cache/longlora. The model lives in
     `<cache_dir>/embedded-<version>`. Concurrent first uses may both build; the first to finish wins.
@@ -555,3 +554,107 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None, *, progress:
         if not is_built(path):  # not a lost race with another process that finished first: a real error
             raise
     return path
+
+
+def embedded_model_path(
+    cache_dir: str | os.PathLike | None = None, *, progress: bool = True, rebuild: bool = False
+) -> Path:
+    """The embedded base model's directory: the copy shipped with the package.
+
+    rebuild: make it again from the recipe into `<cache_dir>/embedded-<version>` (replacing an earlier rebuild) and
+    return that; needs torch >= 2.9 (Muon). A package installed without the shipped copy builds it there on first
+    use (`cached_model_path`).
+    """
+    if rebuild:
+        check_recipe_supported()
+        path = _cache_dir(cache_dir)
+        if progress:
+            print(f"Rebuilding the embedded base model from its recipe into {path} (minutes on CPU) ...")
+        return build_base_model(path, progress=progress, overwrite=True)
+    if is_built(SHIPPED_DIR):
+        return SHIPPED_DIR
+    return cached_model_path(cache_dir, progress=progress)
+
+
+# -------------------------------------------------------------------------------------------------------- shipped
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_base"
+"""The recipe's result as shipped in the package (package data)."""
+SHIPPED_DTYPE = "float16"
+"""Storage dtype of the shipped weights (held-out perplexity at 256: 43.269, against 43.268 in float32); they load
+as float32."""
+
+
+def check_recipe_supported() -> None:
+    """Raise a one-line ValueError when this torch cannot run the recipe (Muon needs torch >= 2.9)."""
+    import torch
+
+    if EmbeddedConfig().optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ValueError(
+            f"rebuilding the embedded base needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}. "
+            "The shipped weights need no rebuild: run without --rebuild-base, or upgrade torch"
+        )
+
+
+def ship_model(build_dir: str | os.PathLike, output_dir: str | os.PathLike = SHIPPED_DIR) -> Path:
+    """Write a build in the shipped form: float16 weights, the tokenizer and the metadata (atomically).
+
+    The config keeps dtype float32, so `dtype='auto'` loads the float16 tensors as float32, the dtype they were
+    trained and evaluated in.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    build_dir, output_dir = Path(build_dir), Path(output_dir)
+    if not is_built(build_dir):
+        raise FileNotFoundError(f"{build_dir} holds no complete embedded build (no {METADATA_FILE})")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.shipping-", dir=output_dir.parent))
+    try:
+        for path in build_dir.iterdir():
+            if path.name not in ("model.safetensors", METADATA_FILE):
+                shutil.copy2(path, tmp / path.name)
+        tensors = load_file(build_dir / "model.safetensors")
+        half = {name: t.to(getattr(torch, SHIPPED_DTYPE)).contiguous() for name, t in tensors.items()}
+        save_file(half, tmp / "model.safetensors", metadata={"format": "pt"})
+        metadata = json.loads((build_dir / METADATA_FILE).read_text())
+        metadata["shipped_dtype"] = SHIPPED_DTYPE
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        for path in [tmp, *tmp.iterdir()]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        _publish(tmp, output_dir, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def shipped_weights_match(build_dir: str | os.PathLike, shipped_dir: str | os.PathLike = SHIPPED_DIR) -> bool:
+    """Whether a build, stored in the shipped dtype, is bitwise the shipped weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    built = load_file(Path(build_dir) / "model.safetensors")
+    shipped = load_file(Path(shipped_dir) / "model.safetensors")
+    dtype = getattr(torch, SHIPPED_DTYPE)
+    return built.keys() == shipped.keys() and all(torch.equal(built[k].to(dtype), shipped[k]) for k in built)
+
+
+def heldout_perplexity(model_dir: str | os.PathLike, length: int | None = None, max_windows: int = 512) -> float:
+    """Held-out perplexity (window protocol, stride = length; default the pretraining context) of a build, in
+    float32: the figure a rebuild is compared on when it is not bitwise the shipped weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    length = length or model.config.max_position_embeddings
+    docs = [torch.tensor(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(stdlib_texts("heldout"))]
+    return _heldout_perplexity(model.eval(), docs, length, max_windows)
+
+
+if __name__ == "__main__":  # python -m longlora.embedded [BUILD_DIR]: run the recipe and refresh the shipped copy
+    build = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="longlora-embedded-")) / "model"
+    ship_model(build_base_model(build, overwrite=True))
+    print(f"shipped {SHIPPED_DIR} (built in {build})")

@@ -138,6 +138,18 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def _event_stopping(event):
+    """A StoppingCriteria that ends generation once `event` is set (the stop button, a closed connection)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class EventStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return EventStop()
+
+
 class PromptCache:
     """The KV cache of the previous turn and the token ids it holds, so the next turn of a chat only runs its new
     tokens: the long material is encoded once per conversation, not once per question."""
@@ -184,6 +196,8 @@ def generate_answer(
     stream: bool = True,
     out: IO[str] | None = None,
     cache: PromptCache | None = None,
+    streamer=None,
+    stop_event=None,
 ) -> str:
     """The assistant's answer to a conversation ending with a user turn (full attention, KV cache).
 
@@ -191,6 +205,8 @@ def generate_answer(
     stream: write the answer to `out` (default stdout) token by token as it is generated.
     cache: the KV cache of an earlier turn of the same conversation (`chat` passes one): the part of the prompt it
         already holds (the material, earlier turns) is not run through the model again. Updated in place.
+    streamer: a transformers streamer to use instead of writing to `out` (`longlora serve` passes a
+        TextIteratorStreamer). stop_event: a threading.Event; once set, generation ends after the current token.
     """
     import torch
     from transformers import GenerationConfig
@@ -222,7 +238,9 @@ def generate_answer(
         temperature=temperature if temperature > 0 else 1.0, top_p=top_p if temperature > 0 else 1.0,
         top_k=0 if temperature > 0 else 50,
     )
-    streamer = _make_streamer(tokenizer, out if out is not None else sys.stdout) if stream else None
+    if streamer is None and stream:
+        streamer = _make_streamer(tokenizer, out if out is not None else sys.stdout)
+    stopping = [_event_stopping(stop_event)] if stop_event is not None else None
 
     model.eval()  # full attention: S2-Attn (if it was switched on for training) is SDPA in eval mode
     device = next(model.parameters()).device
@@ -231,7 +249,8 @@ def generate_answer(
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-            streamer=streamer, **({_cache_argument(model): past} if past is not None else {}),
+            streamer=streamer, stopping_criteria=stopping,
+            **({_cache_argument(model): past} if past is not None else {}),
         )
     sequence = output.sequences  # (1, T + new)
     if cache is not None:

@@ -139,3 +139,100 @@ def test_cmd_eval_passkey_writes_json_and_plots(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "passkey.json", "passkey_accuracy.png", "passkey_heatmap.png"
     ]
+
+
+# ---------------------------------------------------------------------------------------------- code template
+
+
+@pytest.fixture(scope="module")
+def code_tokenizer():
+    """A small byte-level BPE (any source text round-trips), like the embedded model's."""
+    from longlora.embedded import train_tokenizer
+
+    return train_tokenizer(["def f(x):\n    return x + 1\n", "PASSKEY = 12345\nassert PASSKEY == 12345\n"], 300)
+
+
+def code_key_in(prompt):
+    return int(re.search(r"^PASSKEY = (\d{5})$", prompt, re.MULTILINE).group(1))
+
+
+def _tokens(tokenizer, text):
+    return tokenizer(text, verbose=False)["input_ids"]
+
+
+@pytest.mark.parametrize("length", [200, 1024])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_code_prompt_is_held_out_source_with_the_key_line_at_depth(code_tokenizer, length, depth):
+    from longlora.evaluate.passkey import CODE_QUESTION, _compose_code, build_code_passkey_prompt, code_filler_lines
+
+    lines, start, key = code_filler_lines(), 5000, 48213
+    prompt, position = build_code_passkey_prompt(code_tokenizer, length, depth, key, start)
+    ids = _tokens(code_tokenizer, prompt)
+    assert len(ids) <= length
+    # the largest filler that fits: the key line and question removed, the rest is lines start.. of held-out source
+    assert prompt.endswith("\n" + CODE_QUESTION) and prompt.count("PASSKEY = 48213\n") == 1
+    filler = prompt.replace("PASSKEY = 48213\n", "", 1)[: -len(CODE_QUESTION)]
+    n = len(filler.splitlines())
+    assert filler == "".join(lines[start : start + n])
+    assert len(_tokens(code_tokenizer, _compose_code(lines, start, n + 1, round((n + 1) * depth), key)[0])) > length
+    # the key line starts at the returned token and after round(n * depth) filler lines
+    assert code_tokenizer.decode(ids[position:]).startswith("PASSKEY = 48213\n")
+    assert len(prompt[: prompt.index("PASSKEY = ")].splitlines()) == round(n * depth)
+
+
+def test_code_filler_is_the_held_out_split_only():
+    from longlora.embedded import stdlib_split, stdlib_texts
+    from longlora.evaluate.passkey import code_filler_lines
+
+    heldout = "".join(t if t.endswith("\n") else t + "\n" for t in stdlib_texts("heldout"))
+    assert "".join(code_filler_lines()) == heldout
+    train, held = stdlib_split()
+    assert set(train).isdisjoint(held)
+
+
+def test_code_prompt_arguments_are_checked(code_tokenizer):
+    from longlora.evaluate.passkey import build_code_passkey_prompt
+
+    with pytest.raises(ValueError, match="key must be in"):
+        build_code_passkey_prompt(code_tokenizer, 500, 0.5, 4213)  # four digits
+    with pytest.raises(ValueError, match="depth"):
+        build_code_passkey_prompt(code_tokenizer, 500, -0.1, 12345)
+    with pytest.raises(ValueError, match="shorter"):
+        build_code_passkey_prompt(code_tokenizer, 5, 0.5, 12345)
+    with pytest.raises(ValueError, match="unknown passkey template"):
+        run_passkey(None, code_tokenizer, [200], [0.5], template="english", generate_fn=str, progress=False)
+
+
+def test_run_passkey_code_template_with_stub_generators(code_tokenizer):
+    lengths, depths = [200, 400], [0.0, 0.5, 1.0]
+    right = run_passkey(None, code_tokenizer, lengths, depths, trials=2, seed=1, template="code",
+                        generate_fn=lambda p: f" {code_key_in(p)}\n", progress=False)
+    assert right["template"] == "code" and right["overall_accuracy"] == 1.0 and right["grid"] == [[1.0] * 3] * 2
+    records = right["records"]
+    assert all(10000 <= r["key"] < 100000 for r in records) and len({r["key"] for r in records}) > 1
+    assert all(r["prompt_tokens"] <= r["length"] for r in records)
+    wrong = run_passkey(None, code_tokenizer, lengths, depths, trials=2, seed=1, template="code",
+                        generate_fn=lambda p: f" {code_key_in(p) // 10}\n", progress=False)
+    assert wrong["overall_accuracy"] == 0.0 and [r["key"] for r in wrong["records"]] == [r["key"] for r in records]
+    # the paper template stays the default, with its own prompt
+    paper = run_passkey(None, TOKENIZER, [150], [0.5], trials=1, generate_fn=lambda p: f" {key_in(p)}.", progress=False)
+    assert paper["template"] == "paper" and paper["overall_accuracy"] == 1.0
+
+
+def test_cli_eval_passkey_code_template(tmp_path, code_tokenizer):
+    from longlora.cli import main
+
+    config = LlamaConfig(
+        vocab_size=len(code_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=code_tokenizer.eos_token_id, pad_token_id=code_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    code_tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "code.json"
+    assert main(["eval", "passkey", "--model", str(tmp_path / "model"), "--template", "code", "--lengths", "128,256",
+                 "--depths", "0,1", "--trials", "1", "--device", "cpu", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["template"] == "code" and saved["lengths"] == [128, 256] and len(saved["records"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == ["code_accuracy.png", "code_heatmap.png"]

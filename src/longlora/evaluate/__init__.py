@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from longlora.evaluate.passkey import build_passkey_prompt, make_generate_fn, run_passkey, score_answer
+from longlora.evaluate.passkey import (
+    build_code_passkey_prompt, build_passkey_prompt, make_generate_fn, run_passkey, score_answer,
+)
 from longlora.evaluate.perplexity import (
     TokenStream,
     check_not_empty,
@@ -22,7 +24,7 @@ from longlora.evaluate.perplexity import (
 
 __all__ = [
     "TokenStream", "load_token_stream", "save_token_bin", "perplexity", "evaluate_perplexity",
-    "build_passkey_prompt", "score_answer", "make_generate_fn", "run_passkey",
+    "build_passkey_prompt", "build_code_passkey_prompt", "score_answer", "make_generate_fn", "run_passkey",
     "parse_model_spec", "cmd_eval_perplexity", "cmd_eval_passkey",
 ]
 
@@ -127,10 +129,11 @@ def cmd_eval_passkey(
     device: str | None = None,
     max_new_tokens: int = 8,
     progress: bool = True,
+    template: str = "paper",
 ) -> dict[str, Any]:
-    """Passkey retrieval accuracy by length and depth; writes <output>.json, <output>_heatmap.png and
-    <output>_accuracy.png. `model` is 'path' or 'label=path'; it may be None (or an adapter directory) when
-    `adapter` names its base model."""
+    """Passkey retrieval accuracy by length and depth (template 'paper' or 'code', see evaluate.passkey); writes
+    <output>.json, <output>_heatmap.png and <output>_accuracy.png. `model` is 'path' or 'label=path'; it may be None
+    (or an adapter directory) when `adapter` names its base model."""
     from longlora.io import write_json
     from longlora.modeling import load_model_and_tokenizer
     from longlora.plots import plot_passkey_accuracy, plot_passkey_heatmap
@@ -139,7 +142,7 @@ def cmd_eval_passkey(
     label, model = parse_model_spec(str(model)) if model is not None else (parse_model_spec(str(adapter))[0], None)
     lm, tokenizer = load_model_and_tokenizer(model, adapter, dtype=dtype, device=device, rope_factor=rope_factor)
     result = run_passkey(lm, tokenizer, lengths, depths, trials=trials, seed=seed,
-                         max_new_tokens=max_new_tokens, progress=progress)
+                         max_new_tokens=max_new_tokens, progress=progress, template=template)
     del lm
     _release_memory()
     result = {"label": label, "model": model, "adapter": adapter, "rope_factor": rope_factor, **result}

@@ -1,17 +1,34 @@
 """Passkey retrieval (LongLoRA paper, section 4.2): find a number hidden at some depth of a long filler text.
 
-Prompt (lengths counted in tokens of the model's own tokenizer, special tokens included):
+Two prompt templates, the same length x depth grid, JSON and plots.
+
+'paper' (the default; the paper's English prompt):
 
     <instruction> <filler> x k  The pass key is K. Remember it. K is the pass key.  <filler> x (n - k)
     What is the pass key? The pass key is
 
 with n filler repetitions chosen so the prompt is as long as possible without exceeding the requested length
 (so within one filler repetition of it), k = round(n * depth), K uniform in [1, 50000) from a seeded RNG.
+
+'code' (for models that have only read source code, such as the embedded model): n lines of Python source from the
+held-out split of the embedded model's standard-library corpus (never its training split), starting at a seeded
+random line, with the line `PASSKEY = K` (K uniform in [10000, 100000): five digits) inserted after the k-th, and
+the prompt ends with the line the model completes:
+
+    <source lines 1..k>
+    PASSKEY = 48213
+    <source lines k+1..n>
+    assert PASSKEY ==
+
+(no trailing space: a byte-level BPE attaches the space to the number that follows, ' 48213', so a prompt ending
+in a space would ask the model to continue from a token split it never saw). n is the largest that fits `length`.
+
 The answer is decoded greedily; it is right when the first integer in it equals K.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -26,6 +43,11 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)  # [low, high), as in the paper
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+TEMPLATES = ("paper", "code")
+CODE_KEY_LINE = "PASSKEY = {key}\n"
+CODE_QUESTION = "assert PASSKEY =="
+CODE_KEY_RANGE = (10000, 100000)  # [low, high): always five digits
 
 
 def _compose(n: int, k: int, key: int) -> tuple[str, str]:
@@ -67,6 +89,73 @@ def build_passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tupl
     text, before = _compose(n, round(n * depth), key)
     # Tokenizers attach the separating space to the next word, so the prefix's tokens end right before the key line.
     return text, _count(tokenizer, before)
+
+
+@functools.lru_cache(maxsize=1)
+def code_filler_lines() -> tuple[str, ...]:
+    """The held-out split of the embedded model's corpus (standard-library sources), as lines with their newlines,
+    files in split order. Never the training split, so a model trained on that split has not seen the filler."""
+    from longlora.embedded import stdlib_texts
+
+    lines = []
+    for text in stdlib_texts("heldout"):
+        lines.extend(text.splitlines(keepends=True))
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+    return tuple(lines)
+
+
+def _compose_code(lines: Sequence[str], start: int, n: int, k: int, key: int) -> tuple[str, str]:
+    """(full prompt, text before the key line): n filler lines from `start` (wrapping), the key line after k."""
+    filler = [lines[(start + i) % len(lines)] for i in range(n)]
+    before = "".join(filler[:k])
+    return before + CODE_KEY_LINE.format(key=key) + "".join(filler[k:]) + CODE_QUESTION, before
+
+
+def build_code_passkey_prompt(
+    tokenizer, length: int, depth: float, key: int, start: int = 0, lines: Sequence[str] | None = None
+) -> tuple[str, int]:
+    """The 'code' passkey prompt of at most `length` tokens (within one source line of it).
+
+    depth in [0, 1]: 0 puts `PASSKEY = key` first, 1 right before the final `assert PASSKEY ==`.
+    start: index of the first filler line in `lines` (default `code_filler_lines()`, the held-out stdlib sources);
+    trials draw it at random so each hides the key in different code.
+    Returns (prompt text, index of the key line's first token in the tokenised prompt).
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if not CODE_KEY_RANGE[0] <= key < CODE_KEY_RANGE[1]:
+        raise ValueError(f"key must be in [{CODE_KEY_RANGE[0]}, {CODE_KEY_RANGE[1]}), got {key}")
+    lines = code_filler_lines() if lines is None else lines
+    if not lines:
+        raise ValueError("no filler lines")
+    start %= len(lines)
+
+    def tokens_with(n: int) -> int:
+        return _count(tokenizer, _compose_code(lines, start, n, round(n * depth), key)[0])
+
+    fixed = tokens_with(0)
+    if fixed > length:
+        raise ValueError(f"length {length} is shorter than the code passkey prompt without filler ({fixed} tokens)")
+    # Grow by doubling, then bisect: the largest n that fits (token counts grow with n, one line at a time).
+    low, high = 0, 1
+    while tokens_with(high) <= length:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if tokens_with(middle) <= length else (low, middle)
+    text, before = _compose_code(lines, start, low, round(low * depth), key)
+    # `before` ends with a newline, a token boundary: its tokens end right before the key line's first token.
+    return text, _count(tokenizer, before)
+
+
+def build_prompt(tokenizer, template: str, length: int, depth: float, key: int, start: int = 0) -> tuple[str, int]:
+    """One passkey prompt of either template: (prompt text, key line's first token index)."""
+    if template == "paper":
+        return build_passkey_prompt(tokenizer, length, depth, key)
+    if template == "code":
+        return build_code_passkey_prompt(tokenizer, length, depth, key, start)
+    raise ValueError(f"unknown passkey template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
 def score_answer(answer_text: str, key: int) -> bool:
@@ -111,12 +200,17 @@ def run_passkey(
     *,
     max_new_tokens: int = 8,
     progress: bool = True,
+    template: str = "paper",
 ) -> dict[str, Any]:
     """Passkey accuracy for every length x depth, `trials` random keys each.
 
+    template: 'paper' (the paper's English prompt) or 'code' (`PASSKEY = K` in held-out Python source; each trial
+    also draws where in that source its filler starts).
+
     generate_fn(prompt) -> answer text; defaults to greedy decoding with `model` (tests pass a stub, model may then
     be None). Lengths above the model's max_position_embeddings raise a ValueError (pass --rope-factor).
-    Returns {lengths, depths, trials, seed, accuracy: {length: acc}, accuracy_by_depth: {length: {depth: acc}},
+    Returns {template, lengths, depths, trials, seed, accuracy: {length: acc},
+    accuracy_by_depth: {length: {depth: acc}},
     grid: [[acc per depth] per length], overall_accuracy, records: [{length, depth, trial, key, key_position,
     prompt_tokens, answer, correct}]}; dict keys are strings so the result is JSON as is.
     """
@@ -128,6 +222,8 @@ def run_passkey(
         raise ValueError("pass at least one length and one depth")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown passkey template {template!r}; choose one of {', '.join(TEMPLATES)}")
     if model is not None:
         from longlora.evaluate.perplexity import check_length
 
@@ -146,8 +242,12 @@ def run_passkey(
         for length in lengths:
             for depth in depths:
                 for trial in range(trials):
-                    key = int(rng.integers(*KEY_RANGE))
-                    prompt, key_position = build_passkey_prompt(tokenizer, length, depth, key)
+                    if template == "paper":  # the same draws as before the code template existed
+                        key, start = int(rng.integers(*KEY_RANGE)), 0
+                    else:
+                        key = int(rng.integers(*CODE_KEY_RANGE))
+                        start = int(rng.integers(len(code_filler_lines())))
+                    prompt, key_position = build_prompt(tokenizer, template, length, depth, key, start)
                     answer = generate_fn(prompt)
                     records.append({
                         "length": length, "depth": depth, "trial": trial, "key": key, "key_position": key_position,
@@ -167,6 +267,7 @@ def run_passkey(
         for length in lengths
     }
     return {
+        "template": template,
         "lengths": lengths,
         "depths": depths,
         "trials": trials,
