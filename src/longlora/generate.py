@@ -188,13 +188,8 @@ def generate_answer(
     model,
     tokenizer,
     messages: list[dict],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    template: str = "auto",
-    stream: bool = True,
-    out: IO[str] | None = None,
+    *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, template: str = "auto",
+    stream: bool = True, out: IO[str] | None = None,
     cache: PromptCache | None = None,
     streamer=None,
     stop_event=None,
@@ -263,13 +258,8 @@ def ask(
     tokenizer,
     material: str,
     question: str,
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    template: str = "auto",
-    stream: bool = True,
-    out: IO[str] | None = None,
+    *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, template: str = "auto",
+    stream: bool = True, out: IO[str] | None = None,
 ) -> str:
     """Answer one question about `material`; the answer streams to `out` (stdout) and is returned.
 
@@ -290,13 +280,8 @@ def chat(
     tokenizer,
     material: str,
     questions: Iterable[str],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    template: str = "auto",
-    stream: bool = True,
-    out: IO[str] | None = None,
+    *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, template: str = "auto",
+    stream: bool = True, out: IO[str] | None = None,
 ) -> list[dict[str, str]]:
     """Answer `questions` one after another about `material`, each turn seeing the whole conversation so far.
 
@@ -335,19 +320,9 @@ def _load(model, adapter, rope_factor, dtype, device):
 
 
 def cmd_ask(
-    model: str | None,
-    adapter: str | None = None,
-    material: str | None = None,
-    question: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    rope_factor: float | None = None,
-    dtype: str = "auto",
-    *,
-    template: str = "auto",
-    device: str | None = None,
-    out: IO[str] | None = None,
+    model: str | None, adapter: str | None = None, material: str | None = None, question: str | None = None,
+    max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, rope_factor: float | None = None,
+    dtype: str = "auto", *, template: str = "auto", device: str | None = None, out: IO[str] | None = None,
 ) -> str:
     """`longlora ask`: load the model (+ adapter), read the material, stream the answer to stdout; returns it."""
     if material is None:
@@ -381,19 +356,9 @@ def _read_questions(stream: IO[str], prompt_to: IO[str] | None) -> Iterator[str]
 
 
 def cmd_chat(
-    model: str | None,
-    adapter: str | None = None,
-    material: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    rope_factor: float | None = None,
-    dtype: str = "auto",
-    *,
-    template: str = "auto",
-    device: str | None = None,
-    input: IO[str] | None = None,
-    out: IO[str] | None = None,
+    model: str | None, adapter: str | None = None, material: str | None = None, max_new_tokens: int = 256,
+    temperature: float = 0.0, top_p: float = 1.0, rope_factor: float | None = None, dtype: str = "auto", *,
+    template: str = "auto", device: str | None = None, input: IO[str] | None = None, out: IO[str] | None = None,
 ) -> list[dict[str, Any]]:
     """`longlora chat`: questions about one material read from stdin, one per line, until EOF or 'exit'.
 

@@ -95,12 +95,14 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
         raise
 
 
-def replace_directory(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None) -> None:
+def replace_directory(new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None,
+                      *, overwrite: bool = True) -> None:
     """Rename the complete directory `new` to `target`; an existing non-empty `target` is first moved to `aside`
-    (default: a hidden name beside it) and deleted only once `new` is in place, and moved back if that rename fails."""
+    (default: a hidden name beside it) and deleted only once `new` is in place, and moved back if that rename fails.
+    overwrite=False keeps a non-empty `target` (the rename raises OSError): the first of two racing writers wins."""
     new, target = Path(new), Path(target)
     old = None
-    if target.is_dir() and any(target.iterdir()):
+    if overwrite and target.is_dir() and any(target.iterdir()):
         old = Path(aside) if aside is not None else target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         shutil.rmtree(old, ignore_errors=True)  # left by an attempt killed earlier
         os.replace(target, old)

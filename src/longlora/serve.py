@@ -77,10 +77,10 @@ class DocumentChat:
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def prompt_tokens(self, messages: list[dict]) -> int:
-        from longlora.generate import _encode, render_conversation
+        from longlora.prompts import encode_prompt, render_conversation
 
-        return _encode(self.tokenizer, render_conversation(self.tokenizer, messages, self.template),
-                       self.template).shape[1]
+        return len(encode_prompt(self.tokenizer, render_conversation(self.tokenizer, messages, self.template),
+                                 self.template))
 
     def describe(self, document: str) -> str:
         """The token count line under the document box."""
