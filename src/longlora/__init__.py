@@ -31,7 +31,8 @@ def __getattr__(name):
 
 __all__ = [
     "S2_ATTENTION", "apply_lora_plus", "apply_position_interpolation", "disable_s2_attention", "enable_s2_attention",
-    "format_trainable_counts", "original_context_length", "rope_factor_for", "s2_attention", "set_backend", "use_backend",
+    "format_trainable_counts", "original_context_length", "rope_factor_for", "s2_attention", "set_backend",
+    "use_backend",
     "trainable_parameter_counts", "__version__",
     "run_training", "cmd_train", "TrainConfig", "SFTConfig", "cmd_sft", "load_model_and_tokenizer", "merge_adapter",
     "ask", "chat", "evaluate_perplexity", "run_passkey", "load_documents", "tokenize_and_block", "run_quickstart",
