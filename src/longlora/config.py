@@ -225,7 +225,8 @@ def _coerce_fields(obj) -> None:
         setattr(obj, name, _coerce(getattr(obj, name), tp, name))
 
 
-def _training_argument_names() -> set[str]:
+def training_argument_names() -> set[str]:
+    """The fields of the installed transformers' TrainingArguments (they pass through `longlora train`/`sft`)."""
     from transformers import TrainingArguments
 
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -289,7 +290,7 @@ def load_config(cls, args: list[str] | None = None, **overrides):
     for key in list(values):
         if key in ours:
             continue
-        hf_names = hf_names if hf_names is not None else _training_argument_names()
+        hf_names = hf_names if hf_names is not None else training_argument_names()
         if key in hf_names:
             passthrough[key] = values.pop(key)
         else:

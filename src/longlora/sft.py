@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from .config import TrainConfig, check_choice
+from .config import TrainConfig, check_choice, training_argument_names
 from .data import PROMPT_TEMPLATES, TRUNCATIONS
 
 SFT_PACKINGS = ("documents", "pad")
@@ -33,8 +33,11 @@ class SFTConfig(TrainConfig):
         super().__post_init__()
         check_choice("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
         check_choice("truncation", self.truncation, TRUNCATIONS)
-        if self.packing == "pad":
-            self.training_args.setdefault("group_by_length", True)
+        if self.packing == "pad":  # length-grouped batches: less padding (transformers >= 5.24 names it a strategy)
+            if "train_sampling_strategy" in training_argument_names():
+                self.training_args.setdefault("train_sampling_strategy", "group_by_length")
+            else:
+                self.training_args.setdefault("group_by_length", True)
 
     def s2_group_size(self) -> int | None:
         return self.group_size()  # fixed: records of every length share the grouping
