@@ -189,11 +189,17 @@ def test_llama_cpp_gguf_carries_the_scaling(tmp_path, llama_cpp_converter, scali
         pytest.skip(f"the converter lacks a dependency: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
 
+    # llama.cpp's own gguf-py reads the file; it must not stay importable as `gguf` for later tests (a module left in
+    # sys.modules makes `gguf` look installed, without package metadata)
+    installed = {name: mod for name, mod in sys.modules.items() if name == "gguf" or name.startswith("gguf.")}
     sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
     try:
         from gguf import GGUFReader
     finally:
         sys.path.remove(str(LLAMA_CPP / "gguf-py"))
+        for name in [n for n in sys.modules if n == "gguf" or n.startswith("gguf.")]:
+            del sys.modules[name]
+        sys.modules.update(installed)
     reader = GGUFReader(str(gguf_path))
 
     def field(name):
