@@ -82,6 +82,27 @@ def run_python(code: str, *, path: Path, cwd: Path) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def logits_under_both(model_dir: Path, ids: torch.Tensor, transformers4: Path, cwd: Path,
+                      report: str = "") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(transformers 4's logits, transformers 5's logits, the subprocess's stdout) of `model_dir` on `ids` (1, T),
+    float32; `report` is code run in the transformers-4 process after the forward (it sees `model`)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits5 = model(input_ids=ids).logits  # (1, T, V)
+    code = (
+        "import json, torch, transformers\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, torch_dtype=torch.float32)\n"
+        "with torch.no_grad():\n"
+        f"    logits = model(input_ids=torch.tensor({ids.tolist()})).logits\n"
+        f"torch.save(logits, {str(cwd / 'logits4.pt')!r})\n"
+        + report
+    )
+    result = run_python(code, path=transformers4, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(cwd / "logits4.pt"), logits5, result.stdout
+
+
 @pytest.fixture(scope="module")
 def transformers4():
     if not (TRANSFORMERS4 / "transformers").is_dir():
@@ -97,30 +118,18 @@ def test_transformers4_gives_the_same_logits_as_transformers5(tmp_path, transfor
     merged = merged_model(tmp_path, scaling)
     # 200 tokens: past the original 64 positions, so every scaling (dynamic NTK included) is in effect.
     ids = torch.randint(3, 320, (1, 200), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    with torch.no_grad():
-        logits5 = model(input_ids=ids).logits  # (1, T, V)
-    code = (
-        "import json, torch, transformers\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(merged)!r}, torch_dtype=torch.float32)\n"
+    report = (
         f"tokenizer = AutoTokenizer.from_pretrained({str(merged)!r})\n"
-        f"ids = torch.tensor({ids.tolist()})\n"
-        "with torch.no_grad():\n"
-        "    logits = model(input_ids=ids).logits\n"
-        f"torch.save(logits, {str(tmp_path / 'logits4.pt')!r})\n"
         "c = model.config\n"
         "print(json.dumps({'version': transformers.__version__, 'rope_scaling': c.rope_scaling,"
         " 'rope_theta': c.rope_theta, 'tokens': tokenizer('hello world')['input_ids']}))\n"
     )
-    result = run_python(code, path=transformers4, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    logits4, logits5, stdout = logits_under_both(merged, ids, transformers4, tmp_path, report)
+    seen = json.loads(stdout.strip().splitlines()[-1])
     assert seen["version"].startswith("4.")
     assert seen["rope_theta"] == 5e5
     assert seen["rope_scaling"]["rope_type"] == scaling and seen["rope_scaling"]["factor"] == 4
     assert seen["tokens"] == llama_tokenizer()("hello world")["input_ids"]
-    logits4 = torch.load(tmp_path / "logits4.pt")
     diff = (logits4 - logits5).abs().max().item()
     print(f"{scaling}: transformers {seen['version']} vs 5: max |logit diff| {diff:.3g}")
     assert diff < 1e-5
@@ -144,20 +153,8 @@ def test_transformers4_reads_the_legacy_forms_of_other_architectures(tmp_path, t
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     finalize_saved_files(tmp_path / "model")
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
-    with torch.no_grad():
-        logits5 = model(input_ids=ids).logits  # (1, T, V)
-    code = (
-        "import torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, torch_dtype=torch.float32)\n"
-        "with torch.no_grad():\n"
-        f"    logits = model(input_ids=torch.tensor({ids.tolist()})).logits\n"
-        f"torch.save(logits, {str(tmp_path / 'logits4.pt')!r})\n"
-    )
-    result = run_python(code, path=transformers4, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    diff = (torch.load(tmp_path / "logits4.pt") - logits5).abs().max().item()
+    logits4, logits5, _ = logits_under_both(tmp_path / "model", ids, transformers4, tmp_path)
+    diff = (logits4 - logits5).abs().max().item()
     print(f"{arch} {scaling}: transformers 4 vs 5: max |logit diff| {diff:.3g}")
     assert diff < 1e-5
 
