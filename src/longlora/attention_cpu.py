@@ -17,6 +17,7 @@ then about one output larger (`output_reuse_supported()` says which applies).
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import torch
 
@@ -39,13 +40,18 @@ def _cpu_flash_ops():
         return None
 
 
-def _batches(length: int, group_size: int, shift: int) -> list[tuple[int, int, int, int]]:
+def _batches(length: int, group_size: int, shift: int, first_alone: bool = False) -> list[tuple[int, int, int, int]]:
     """(start, segment_length, count, spacing): equal-length groups of a row, evenly spaced, batched for one call.
 
     The runs of `group_runs`, except that a shifted row's two half-groups (the first and the last, of equal length
     when L is a multiple of G) are batched together: one kernel call with two batch entries instead of two calls.
+    first_alone: the row's first segment is a batch of its own (it has a prefix).
     """
     runs = [(start, seg_len, count, seg_len) for start, seg_len, count in group_runs(length, group_size, shift)]
+    if first_alone:
+        start, seg_len, count, _ = runs[0]
+        return [(start, seg_len, 1, seg_len)] + ([(start + seg_len, seg_len, count - 1, seg_len)] if count > 1
+                                                 else []) + runs[1:]
     if len(runs) > 2 and runs[0][1:3] == runs[-1][1:3] == (runs[0][1], 1):
         first, last = runs[0], runs[-1]
         runs = [(first[0], first[1], 2, last[0] - first[0])] + runs[1:-1]
@@ -87,6 +93,40 @@ def _backward_calls(count: int, hq: int, hkv: int, threads: int) -> list[tuple[s
     return calls
 
 
+class RowPrefix(Protocol):
+    """Keys/values that come before every row of a regular S2 call, inside each row's first segment.
+
+    Sequence parallelism (longlora.sequence_parallel) passes one: a rank's chunk is a row whose first group began on
+    earlier ranks. Per half of the heads (0 plain, 1 shifted):
+    - first_lengths[h]: the length of each row's first segment; the rest of the row is cut into groups of G after it;
+    - kv_start[h]: the first key/value head of the prefix fetched for the half;
+    - fetch(key, value) -> per half (key, value), each (B, key/value heads of the half, n, D), n >= 0: the keys that
+      every query of a row's first segment sees before the row's own (called in the forward);
+    - give_back(grads, dk, dv): grads per half (dkey, dvalue) of the fetched prefix; adds into dk/dv (B, Hkv, L, D)
+      whatever gradient of the row's own keys/values comes back (called at the end of the backward).
+    """
+
+    first_lengths: tuple[int, int]
+    kv_start: tuple[int, int]
+
+    def fetch(self, key: torch.Tensor, value: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def give_back(self, grads: list[tuple[torch.Tensor, torch.Tensor]], dk: torch.Tensor,
+                  dv: torch.Tensor) -> None: ...
+
+
+def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
+    """Softmax attention of the same queries over two disjoint key sets -> attention over their union.
+
+    o (n, H, seg, D), lse (n, H, seg) (natural log of each row's sum of exp(scores)) -> (o, lse) of the union.
+    """
+    # in lse1's memory layout: torch's CPU flash backward expects the (n, seg, H) storage its forward produces
+    lse = torch.logaddexp(lse1, lse2, out=torch.empty_like(lse1))  # (n, H, seg)
+    w1, w2 = (torch.exp(x - lse).unsqueeze(-1) for x in (lse1, lse2))  # (n, H, seg, 1) each part's share
+    acc = torch.promote_types(o1.dtype, torch.float32)  # at least fp32 for bf16/fp16 outputs, float64 kept
+    return (o1.to(acc) * w1 + o2.to(acc) * w2).to(o1.dtype), lse
+
+
 class _S2FlashCPU(torch.autograd.Function):
     """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, batch of groups).
 
@@ -97,28 +137,44 @@ class _S2FlashCPU(torch.autograd.Function):
     tile given the whole row's output and logsumexp). The kernel returns freshly allocated gradients for each call;
     to stay below full SDPA's peak, dq is written over the saved output (each piece's output is dead once its rows
     are done) when nothing else holds that output (`_output_is_private`); otherwise dq is a new buffer.
+
+    With a `RowPrefix`, each row's first segment also attends to the prefix keys: a second (unmasked: every prefix
+    key precedes every row) kernel call merged with the first through their logsumexps, and one more key tile in
+    the backward.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, group_size, n_plain, scale, private_count):
+    def forward(ctx, query, key, value, group_size, n_plain, scale, private_count, prefix=None):
         # query (B, Hq, L, D), key/value (B, Hkv, L, D)
         flash_fwd, _ = _cpu_flash_ops()
         b, hq, length, d = query.shape
         # output stored tokens-first like SDPA's, returned as a (B, Hq, L, D) view
         out = query.new_empty(b, length, hq, d).transpose(1, 2)
+        before = prefix.fetch(key, value) if prefix is not None else []  # per half (k, v) (B, Hkv_half, n, D)
         plan, lses = [], []
         for bi in range(b):
             for h0, h1, kv0, kv1, shift in head_blocks(hq, key.shape[1], n_plain, group_size):
-                for batch in _batches(length, group_size, shift):
-                    piece, lse = flash_fwd(_pieces(query, bi, h0, h1, *batch), _pieces(key, bi, kv0, kv1, *batch),
-                                           _pieces(value, bi, kv0, kv1, *batch),
-                                           0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
+                pre = None  # (half, first and last+1 key/value head inside the half's prefix)
+                if prefix is not None:
+                    half = int(h0 >= n_plain)
+                    shift = prefix.first_lengths[half] % group_size
+                    if before[half][0].shape[2]:
+                        pre = (half, kv0 - prefix.kv_start[half], kv1 - prefix.kv_start[half])
+                for batch in _batches(length, group_size, shift, first_alone=pre is not None):
+                    q, k, v = (_pieces(x, bi, a, z, *batch) for x, a, z in
+                               ((query, h0, h1), (key, kv0, kv1), (value, kv0, kv1)))  # (count, H, seg, D)
+                    piece, lse = flash_fwd(q, k, v, 0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
+                    on_prefix = pre if batch[0] == 0 else None
+                    if on_prefix is not None:
+                        kp, vp = (x[bi:bi + 1, pre[1]:pre[2]] for x in before[pre[0]])  # (1, Hkv, n, D)
+                        piece, lse = _merge(piece, lse, *flash_fwd(q, kp, vp, 0.0, False, scale=scale))
                     _pieces(out, bi, h0, h1, *batch).copy_(piece)
                     del piece  # one piece's output alive at a time
-                    plan.append((bi, h0, h1, kv0, kv1, batch))
+                    plan.append((bi, h0, h1, kv0, kv1, batch, on_prefix))
                     lses.append(lse)
         ctx.plan, ctx.scale, ctx.output_reused, ctx.private_count = plan, scale, False, private_count
-        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.prefix = prefix
+        ctx.save_for_backward(query, key, value, out, *lses, *(t for pair in before for t in pair))
         return out
 
     @staticmethod
@@ -131,7 +187,9 @@ class _S2FlashCPU(torch.autograd.Function):
                 "gradient over the saved attention output to save memory. Set longlora.attention."
                 "REUSE_OUTPUT_MEMORY = False (or run the forward under use_backend(reuse_output_memory=False)) to "
                 "keep it.")
-        query, key, value, out, *lses = ctx.saved_tensors
+        query, key, value, out, *rest = ctx.saved_tensors
+        lses, flat = rest[:len(ctx.plan)], rest[len(ctx.plan):]
+        before = list(zip(flat[::2], flat[1::2]))  # per half (k, v) of the prefix
         # every (row, head, token) of dq is written once (pieces partition them); dk/dv accumulate over head blocks
         if isinstance(ctx.private_count, list):  # calibration run: record the count, reuse nothing
             ctx.private_count.append(_storage_use_count(out))
@@ -139,8 +197,9 @@ class _S2FlashCPU(torch.autograd.Function):
         dq = out if ctx.output_reused else torch.empty_like(query)
         # same strides as the inputs, so that autograd hands them over without a copy
         dk, dv = torch.zeros_like(key), torch.zeros_like(value)
+        d_before = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in before]
         threads = _kernel_threads()
-        for (bi, h0, h1, kv0, kv1, batch), lse in zip(ctx.plan, lses):
+        for (bi, h0, h1, kv0, kv1, batch, pre), lse in zip(ctx.plan, lses):
             q, o, go, gq = (_pieces(x, bi, h0, h1, *batch) for x in (query, out, grad_out, dq))  # (n, H, seg, D)
             k, v, gk, gv = (_pieces(x, bi, kv0, kv1, *batch) for x in (key, value, dk, dv))  # (n, Hkv, seg, D)
             _, seg_len, count, _ = batch
@@ -148,21 +207,28 @@ class _S2FlashCPU(torch.autograd.Function):
             for g, heads, kv_heads, rep in _backward_calls(count, h1 - h0, kv1 - kv0, threads):
                 for i0 in range(0, seg_len, tile):
                     rows = slice(i0, min(i0 + tile, seg_len))
+                    # key tiles at or before the query tile (causal on the diagonal), and the prefix (unmasked)
+                    tiles = [(k, v, gk, gv, slice(j0, min(j0 + tile, seg_len)), j0 == i0)
+                             for j0 in range(0, i0 + 1, tile)]
+                    if pre is not None:
+                        tiles.append(tuple(x[bi:bi + 1, pre[1]:pre[2]] for x in before[pre[0]] + d_before[pre[0]])
+                                     + (slice(None), False))
                     row_dq = None
-                    for j0 in range(0, i0 + 1, tile):  # key tiles at or before the query tile (causal)
-                        cols = slice(j0, min(j0 + tile, seg_len))
+                    for ks, vs, gks, gvs, cols, causal in tiles:
                         # rep > 1: one key/value head seen as `rep` query heads (stride 0, no copy)
                         kt, vt = (x[g, kv_heads, cols] if rep == 1 else x[g, kv_heads, cols].expand(-1, rep, -1, -1)
-                                  for x in (k, v))
+                                  for x in (ks, vs))
                         tq, tk, tv = flash_bwd(go[g, heads, rows], q[g, heads, rows], kt, vt, o[g, heads, rows],
-                                               lse[g, heads, rows], 0.0, j0 == i0, scale=ctx.scale)
+                                               lse[g, heads, rows], 0.0, causal, scale=ctx.scale)
                         row_dq = tq if row_dq is None else row_dq.add_(tq)
-                        gk[g, kv_heads, cols] += tk if rep == 1 else tk.sum(1, keepdim=True)
-                        gv[g, kv_heads, cols] += tv if rep == 1 else tv.sum(1, keepdim=True)
+                        gks[g, kv_heads, cols] += tk if rep == 1 else tk.sum(1, keepdim=True)
+                        gvs[g, kv_heads, cols] += tv if rep == 1 else tv.sum(1, keepdim=True)
                         del tq, tk, tv
                     gq[g, heads, rows].copy_(row_dq)  # these output rows are no longer read: safe to overwrite
                     del row_dq
-        return dq, dk, dv, None, None, None, None
+        if ctx.prefix is not None:
+            ctx.prefix.give_back(d_before, dk, dv)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _storage_use_count(t: torch.Tensor) -> int:
@@ -230,11 +296,13 @@ def cpu_flash_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def s2_cpu_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_size: int, n_plain: int,
-                 scale: float | None, reuse_output_memory: bool = True) -> torch.Tensor:
+                 scale: float | None, reuse_output_memory: bool = True,
+                 prefix: RowPrefix | None = None) -> torch.Tensor:
     """S2-Attn on the regular layout. query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, Hq, L, D).
 
-    Heads [0, n_plain) use plain groups, the rest groups shifted by group_size // 2. reuse_output_memory lets the
-    backward write dq over the saved output when nothing else holds it (see the module docstring).
+    Heads [0, n_plain) use plain groups, the rest groups shifted by group_size // 2 (with a `prefix`: its
+    first_lengths set each half's first segment, and that segment also sees the prefix's keys). reuse_output_memory
+    lets the backward write dq over the saved output when nothing else holds it (see the module docstring).
     """
     private_count = _private_use_count() if reuse_output_memory else None
-    return _S2FlashCPU.apply(query, key, value, group_size, n_plain, scale, private_count)
+    return _S2FlashCPU.apply(query, key, value, group_size, n_plain, scale, private_count, prefix)

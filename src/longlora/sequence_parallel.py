@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import attention
 from .adapters import base_model
-from .attention import TokenLayout, group_segments, s2_attention, token_layout
+from .attention import TokenLayout, group_segments, resolve_backend, s2_attention, token_layout
+from .attention_cpu import s2_cpu_flash
 from .integration import (
     S2Settings, s2_attention_forward, s2_mask, set_attention,
 )
@@ -110,6 +112,10 @@ class ChunkPlan:
     seg: torch.Tensor  # (2, B, W) long
     layouts: tuple[TokenLayout, TokenLayout]  # per half: the segments of [halo ; chunk] (see _window_layout)
     group: object = None
+    first_lengths: tuple[int, int] | None = None
+    """Regular layouts (no padding, no packing): per half, the length of the chunk's first segment, the rest being
+    groups of G; with `chunk_layout` it lets the CPU kernels run the chunk as one S2 row with a prefix (the halo)."""
+    chunk_layout: TokenLayout | None = None
 
     def transfers(self, half: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """(sends, recvs) of one half: sends (peer, a, b) = my local tokens [a, b) to peer; recvs (peer, a, b) = the
@@ -168,8 +174,13 @@ def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor 
     lo = rank * chunk - max(halo[rank])
     hi = (rank + 1) * chunk
     seg = torch.stack([segs[0][:, lo:hi], segs[1][:, lo:hi]])  # (2, B, W)
+    regular = {}
+    if layout.regular:  # segments sit at the same places in every row: the first one's length says it all
+        mine = seg[:, 0, -chunk:]  # (2, C) row 0's segment ids over the chunk
+        regular = dict(first_lengths=tuple(int((mine[h] == mine[h, 0]).sum()) for h in range(2)),
+                       chunk_layout=token_layout(batch, chunk, torch.device(device)))
     return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
-                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group,
+                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group, **regular,
                      layouts=tuple(_window_layout(real[:, lo:hi][:, -(n + chunk):], seg[h][:, -(n + chunk):],
                                                   group_size, device) for h, n in enumerate(halo[rank])))
 
@@ -244,41 +255,61 @@ def _global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-class _HaloExchange(torch.autograd.Function):
-    """Forward: every rank receives, per half, the earlier tokens' keys/values its queries need (and sends its own to
-    the later ranks that need them). Backward: the gradients of the received keys/values go back to their owners and
-    are added to the owners' own key/value gradients.
+def _fetch_halos(key: torch.Tensor, value: torch.Tensor, plan: ChunkPlan, halves) -> list:
+    """Forward exchange: send my keys/values to the later ranks that need them; receive, per half h (0 plain,
+    1 shifted), the halo (key, value) my queries need, each (B, kv1-kv0, halo, D) (0 tokens when none; empty for a
+    half absent from `halves`). key/value (B, Hkv, C, D)."""
+    b, _, _, d = key.shape
+    sends, recvs, halos = [], [], [(key.new_empty(b, 0, 0, d), value.new_empty(b, 0, 0, d))] * 2
+    for _, _, kv0, kv1, h in halves:
+        s, r = plan.transfers(h)
+        # keys and values of a half travel in one message per peer: (2, B, heads, tokens, D)
+        sends += [(peer, torch.stack([key[:, kv0:kv1, a:z], value[:, kv0:kv1, a:z]])) for peer, a, z in s]
+        buf = key.new_empty(2, b, kv1 - kv0, plan.halo[plan.rank][h], d)  # (K|V, B, heads, halo, D)
+        recvs += [(peer, buf[:, :, :, a:z]) for peer, a, z in r]
+        halos[h] = (buf[0], buf[1])
+    staged = [(peer, t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format))
+              for peer, t in recvs]
+    _exchange(sends, staged, plan.group, "fwd")
+    for (_, view), (_, t) in zip(recvs, staged):
+        if t is not view:
+            view.copy_(t)
+    return halos
 
-    key/value (B, Hkv, C, D) -> per half the window (k, v), each (B, kv1-kv0, halo+C, D): the halo, then the chunk's
-    own keys/values (a view of the inputs where the half needs no halo). The local keys pass through this Function
-    too, so that every rank's backward reaches it, also a rank that received nothing but must receive gradients.
+
+def _return_halo_grads(grads: list, dk: torch.Tensor, dv: torch.Tensor, plan: ChunkPlan, halves) -> None:
+    """Backward exchange, the reverse of `_fetch_halos`: the gradients of my halos (per half (dkey, dvalue)) go back
+    to their senders; the gradients of the keys/values I sent come back and are added into dk/dv (B, Hkv, C, D)."""
+    b, _, _, d = dk.shape
+    sends, recvs = [], []
+    for _, _, kv0, kv1, h in halves:
+        gk, gv = grads[h]
+        s, r = plan.transfers(h)
+        sends += [(peer, torch.stack([gk[:, :, a:z], gv[:, :, a:z]])) for peer, a, z in r]
+        recvs += [(peer, (kv0, kv1, a, z), dk.new_empty(2, b, kv1 - kv0, z - a, d)) for peer, a, z in s]
+    _exchange(sends, [(peer, t) for peer, _, t in recvs], plan.group, "bwd")
+    for _, (kv0, kv1, a, z), t in recvs:
+        dk[:, kv0:kv1, a:z] += t[0]
+        dv[:, kv0:kv1, a:z] += t[1]
+
+
+class _HaloExchange(torch.autograd.Function):
+    """The exchange for the general path (padding, packing, GPU): per half the window (k, v) = [halo ; chunk], each
+    (B, kv1-kv0, halo+C, D) (a view of the inputs where the half needs no halo). Backward: the halo's gradients go
+    back to their owners and the gradients of what this rank sent come back, added to its own keys' gradients.
+
+    The local keys pass through this Function too, so that every rank's backward reaches it, also a rank that
+    received nothing but must receive gradients.
     """
 
     @staticmethod
     def forward(ctx, key, value, plan, halves):
         ctx.plan, ctx.halves, ctx.shape = plan, halves, key.shape
-        b, _, c, d = key.shape
-        sends, recvs, outs = [], [], []
+        halos = _fetch_halos(key, value, plan, halves)
+        outs = []
         for _, _, kv0, kv1, h in halves:
-            s, r = plan.transfers(h)
-            # keys and values of a half travel in one message per peer: (2, B, heads, tokens, D)
-            sends += [(peer, torch.stack([key[:, kv0:kv1, a:z], value[:, kv0:kv1, a:z]]).contiguous())
-                      for peer, a, z in s]
-            halo = plan.halo[plan.rank][h]
-            if halo == 0:
-                outs += [key[:, kv0:kv1], value[:, kv0:kv1]]
-                continue
-            buf = key.new_empty(2, b, kv1 - kv0, halo + c, d)  # (K|V, B, heads, halo+C, D)
-            buf[0, :, :, halo:] = key[:, kv0:kv1]
-            buf[1, :, :, halo:] = value[:, kv0:kv1]
-            recvs += [(peer, buf[:, :, :, a:z]) for peer, a, z in r]
-            outs += [buf[0], buf[1]]
-        staged = [(peer, t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format))
-                  for peer, t in recvs]
-        _exchange(sends, staged, plan.group, "fwd")
-        for (_, view), (_, t) in zip(recvs, staged):
-            if t is not view:
-                view.copy_(t)
+            for local, halo in zip((key[:, kv0:kv1], value[:, kv0:kv1]), halos[h]):
+                outs.append(torch.cat([halo, local], dim=2) if halo.shape[2] else local)
         return tuple(outs)
 
     @staticmethod
@@ -287,22 +318,32 @@ class _HaloExchange(torch.autograd.Function):
         plan, halves = ctx.plan, ctx.halves
         dk = grads[0].new_zeros(ctx.shape)
         dv = grads[0].new_zeros(ctx.shape)
-        sends, recvs = [], []
+        halo_grads = [None, None]
         for i, (_, _, kv0, kv1, h) in enumerate(halves):
             gk, gv = grads[2 * i], grads[2 * i + 1]
             halo = plan.halo[plan.rank][h]
             dk[:, kv0:kv1] += gk[:, :, halo:]  # the chunk's own keys/values
             dv[:, kv0:kv1] += gv[:, :, halo:]
-            s, r = plan.transfers(h)
-            # the reverse of the forward: what I received goes back to its sender, what I sent comes back
-            sends += [(peer, torch.stack([gk[:, :, a:z], gv[:, :, a:z]]).contiguous()) for peer, a, z in r]
-            recvs += [(peer, (kv0, kv1, a, z), dk.new_empty(2, dk.shape[0], kv1 - kv0, z - a, dk.shape[3]))
-                      for peer, a, z in s]
-        _exchange(sends, [(peer, t) for peer, _, t in recvs], plan.group, "bwd")
-        for _, (kv0, kv1, a, z), t in recvs:
-            dk[:, kv0:kv1, a:z] += t[0]
-            dv[:, kv0:kv1, a:z] += t[1]
+            halo_grads[h] = (gk[:, :, :halo], gv[:, :, :halo])
+        _return_halo_grads(halo_grads, dk, dv, plan, halves)
         return dk, dv, None, None
+
+
+class _ChunkPrefix:
+    """The halo as the CPU kernels' `RowPrefix` (longlora.attention_cpu): fetched inside the S2 Function's forward,
+    its gradients returned inside its backward, straight into the Function's own dk/dv (no [halo ; chunk] copies)."""
+
+    def __init__(self, plan: ChunkPlan, halves):
+        self.plan, self.halves = plan, halves
+        self.first_lengths = plan.first_lengths
+        starts = {h: kv0 for _, _, kv0, _, h in halves}
+        self.kv_start = (starts.get(0, 0), starts.get(1, 0))
+
+    def fetch(self, key, value):
+        return _fetch_halos(key, value, self.plan, self.halves)
+
+    def give_back(self, grads, dk, dv):
+        _return_halo_grads(grads, dk, dv, self.plan, self.halves)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +382,17 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
         raise ValueError(f"sequence-parallel attention expected {plan.chunk} local tokens, got {c} queries and "
                          f"{key.shape[2]} keys (use_cache must be False in training)")
     settings = getattr(module, "s2_settings", None)
-    halves = _halves(hq, key.shape[1], settings.shift if settings is not None else True)
+    shift = settings.shift if settings is not None else True
+    halves = _halves(hq, key.shape[1], shift)
+    if plan.first_lengths is not None and resolve_backend(
+            query, key, value, plan.chunk_layout, plan.group_size, dropout=dropout,
+            backend=settings.backend if settings is not None else "auto",
+            sliding_window=kwargs.get("sliding_window"), scale=scaling) == "cpu":
+        # the chunk is one regular S2 row whose first segments continue the halo: the CPU kernels take the halo as
+        # a prefix (fetched and returned inside their Function), writing one (B, C, Hq, D) output
+        out = s2_cpu_flash(query, key, value, plan.group_size, hq // 2 if shift else hq, scaling,
+                           attention.REUSE_OUTPUT_MEMORY, prefix=_ChunkPrefix(plan, halves))  # (B, Hq, C, D)
+        return out.transpose(1, 2), None
     windows = _HaloExchange.apply(key, value, plan, halves)  # per half: (B, kv, halo+C, D) keys, values
     pieces = []
     for i, (q0, q1, kv0, kv1, h) in enumerate(halves):
@@ -472,7 +523,8 @@ def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=Non
     total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
                             ignore_index=-100, reduction="sum")
     count = shard["num_items"] if num_items is None else num_items
-    return total * scale / (count if torch.is_tensor(count) else max(count, 1))
+    # in place (nll_loss's backward does not read its output): no new tensors after the logits' loss
+    return total.mul_(scale).div_(count if torch.is_tensor(count) else max(count, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
