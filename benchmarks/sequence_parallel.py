@@ -12,8 +12,12 @@
    - Ulysses: all-to-all of q, k, v before attention and of the output after, each rank keeping 1/N of what it
      holds; the backward moves the same amount of gradients.
 2. Time and memory. torchrun launches (gloo, CPU, one thread per rank) of a training step (forward + backward,
-   LoRA+) of a small Llama at N = 1 (single-process S2), 2 and 4 ranks: median step time and the per-rank peak of
-   bytes held by tensors (parameters excluded), plus the bytes counted from the real gloo calls.
+   LoRA+) of a small Llama at N = 1 (single-process S2), 2 and 4 ranks, on a regular batch (one document: the CPU
+   kernels take the halo as a prefix) and a packed one (three documents crossing the chunk boundaries: the general
+   path over [halo ; chunk] windows): median step time and the per-rank peak of
+   bytes held by tensors allocated in the step (parameters and the batch are not; the gradient buffers exist
+   before it), beside the goal (the single-process peak / N plus the halo the rank holds: received keys and
+   values, kept for the backward), plus the bytes counted from the real gloo calls.
 Writes docs/benchmarks/sequence_parallel.{json,png} (or --output).
 """
 
@@ -41,8 +45,9 @@ LLAMA2_7B = dict(heads=32, kv_heads=32, head_dim=128, layers=32, bytes_per_value
 
 
 def dry_run_bytes(length: int, world: int, group_size: int, heads: int, kv_heads: int, head_dim: int,
-                  bytes_per_value: int) -> list[tuple[int, int]]:
-    """(forward, backward) bytes each rank's exchange sends in one layer, from the real autograd Function."""
+                  bytes_per_value: int, position_ids=None) -> list[tuple[int, int]]:
+    """(forward, backward) bytes each rank's exchange sends in one layer, from the real autograd Function
+    (position_ids (1, L) restarting per document: a packed row)."""
     import torch
 
     from longlora.sequence_parallel import _halves, _HaloExchange, count_traffic, plan_chunks
@@ -52,7 +57,7 @@ def dry_run_bytes(length: int, world: int, group_size: int, heads: int, kv_heads
     halves = _halves(heads, kv_heads, True)
     sent = []
     # the halo table is global (the same in every rank's plan); the exchange reads only it and the rank
-    plan0 = plan_chunks(None, None, 1, length, group_size, world, 0)
+    plan0 = plan_chunks(None, position_ids, 1, length, group_size, world, 0)
     for rank in range(world):
         plan = dataclasses.replace(plan0, rank=rank)
         k = torch.empty(1, kv_heads, chunk, head_dim, device="meta", dtype=dtype, requires_grad=True)
@@ -112,8 +117,8 @@ def _worker(args) -> None:
     from _measure import PeakTensorMemory
     from longlora.adapters import apply_lora_plus
     from longlora.integration import enable_s2_attention
-    from longlora.sequence_parallel import count_traffic, enable_sequence_parallel, sequence_parallel_loss, \
-        shard_batch
+    from longlora.sequence_parallel import PLAN_KEY, _halves, count_traffic, enable_sequence_parallel, \
+        sequence_parallel_loss, shard_batch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -125,9 +130,18 @@ def _worker(args) -> None:
     model = apply_lora_plus(AutoModelForCausalLM.from_config(config)).train()
     ids = torch.randint(0, 512, (1, args.length), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids.clone()}
+    if args.layout == "packed":
+        batch["position_ids"] = packed_positions(args.length)
+    halo_bytes = 0
     if world > 1:
         enable_sequence_parallel(model, group_size=args.group)
         shard = shard_batch(batch, model)
+        plan = shard[PLAN_KEY]
+        head_dim = args.hidden // config.num_attention_heads
+        # the halo a rank holds per layer (received keys and values, kept for the backward), all layers
+        halo_bytes = args.layers * sum(
+            2 * (kv1 - kv0) * plan.halo[plan.rank][h] * ids.shape[0] * head_dim * 4
+            for _, _, kv0, kv1, h in _halves(config.num_attention_heads, config.num_key_value_heads, True))
 
         def step():
             sequence_parallel_loss(model, shard).backward()
@@ -150,7 +164,7 @@ def _worker(args) -> None:
     model.zero_grad(set_to_none=False)  # gradient buffers exist: the peak below is the step's own tensors
     with PeakTensorMemory() as tracker, count_traffic() as log:
         step()
-    peak = torch.tensor([tracker.peak])
+    peak = torch.tensor([tracker.peak, halo_bytes])
     sent = torch.tensor([sum(n for d, _, n in log if d == "fwd"), sum(n for d, _, n in log if d == "bwd")])
     if world > 1:
         peaks = [torch.zeros_like(peak) for _ in range(world)]
@@ -161,12 +175,22 @@ def _worker(args) -> None:
         peaks, sents = [peak], [sent]
     if world == 1 or dist.get_rank() == 0:
         row = dict(ranks=world, length=args.length, group_size=args.group, hidden=args.hidden, layers=args.layers,
-                   step_seconds=sorted(times)[len(times) // 2], peak_mb_per_rank=[int(p) / 2**20 for p in peaks],
+                   step_seconds=sorted(times)[len(times) // 2], peak_mb_per_rank=[int(p[0]) / 2**20 for p in peaks],
+                   peak_bytes_per_rank=[int(p[0]) for p in peaks], halo_bytes_per_rank=[int(p[1]) for p in peaks],
                    sent_fwd_per_rank=[int(s[0]) for s in sents], sent_bwd_per_rank=[int(s[1]) for s in sents])
         Path(args.worker_out).write_text(json.dumps(row))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def packed_positions(length: int):
+    """(1, L) position ids of three packed documents, the middle one crossing every chunk boundary at N = 2, 4."""
+    import torch
+
+    sizes = [length // 4 - 3, length // 2 + 5]
+    sizes.append(length - sum(sizes))
+    return torch.cat([torch.arange(n) for n in sizes])[None]
 
 
 def _free_port() -> int:
@@ -175,14 +199,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def gloo_runs(worlds, length, group, hidden, layers, repeats, tmp: Path) -> list[dict]:
+def gloo_runs(worlds, length, group, hidden, layers, repeats, tmp: Path, layout: str = "regular") -> list[dict]:
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     for world in worlds:
-        out = tmp / f"gloo_{world}.json"
+        out = tmp / f"gloo_{layout}_{world}.json"
         worker = [__file__, "--worker", "--worker-out", str(out), "--length", str(length), "--group", str(group),
-                  "--hidden", str(hidden), "--layers", str(layers), "--repeats", str(repeats)]
+                  "--hidden", str(hidden), "--layers", str(layers), "--repeats", str(repeats), "--layout", layout]
         if world == 1:
             cmd = [sys.executable] + worker
         else:
@@ -191,17 +215,22 @@ def gloo_runs(worlds, length, group, hidden, layers, repeats, tmp: Path) -> list
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"gloo run at {world} ranks failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(out.read_text()))
+        rows.append(dict(json.loads(out.read_text()), layout=layout))
     single = rows[0]
     for r in rows:
         r["peak_ratio_max_rank"] = max(r["peak_mb_per_rank"]) / max(single["peak_mb_per_rank"])
         r["speedup_vs_1"] = single["step_seconds"] / r["step_seconds"]
+        # the goal: every rank at most the single-process peak / N plus the halo it holds
+        goal = [single["peak_bytes_per_rank"][0] / r["ranks"] + h for h in r["halo_bytes_per_rank"]]
+        r["goal_bytes_per_rank"] = goal
+        r["excess_bytes_max_rank"] = max(p - g for p, g in zip(r["peak_bytes_per_rank"], goal))
     return rows
 
 
 def expected_gloo_bytes(row: dict) -> list[int]:
     """The dry run's per-rank forward bytes at the gloo run's shapes (8/4 heads of hidden/8, fp32, all layers)."""
-    sent = dry_run_bytes(row["length"], row["ranks"], row["group_size"], 8, 4, row["hidden"] // 8, 4)
+    positions = packed_positions(row["length"]) if row["layout"] == "packed" else None
+    sent = dry_run_bytes(row["length"], row["ranks"], row["group_size"], 8, 4, row["hidden"] // 8, 4, positions)
     return [f * row["layers"] for f, _ in sent]
 
 
@@ -224,11 +253,12 @@ def print_tables(bytes_rows, gloo_rows) -> None:
         g = gloo_rows[0]
         print(f"\nCPU gloo training step (LoRA+, Llama hidden {g['hidden']}, {g['layers']} layers, L={g['length']}, "
               f"G={g['group_size']}, one thread per rank on a {os.cpu_count()}-core machine)")
-        print(f"{'N':>3} {'step s':>8} {'speedup':>8} {'peak MiB/rank (max)':>20} {'peak ratio':>11} "
-              f"{'fwd bytes/rank (gloo)':>22} {'dry run':>10}")
+        print(f"{'layout':>8} {'N':>3} {'step s':>8} {'speedup':>8} {'peak MiB/rank (max)':>20} {'peak ratio':>11} "
+              f"{'goal MiB (1/N + halo)':>22} {'over goal, bytes':>17} {'fwd bytes/rank (gloo)':>22} {'dry run':>10}")
         for r in gloo_rows:
-            print(f"{r['ranks']:>3} {r['step_seconds']:>8.3f} {r['speedup_vs_1']:>8.2f} "
-                  f"{max(r['peak_mb_per_rank']):>20.1f} {r['peak_ratio_max_rank']:>11.3f} "
+            print(f"{r['layout']:>8} {r['ranks']:>3} {r['step_seconds']:>8.3f} {r['speedup_vs_1']:>8.2f} "
+                  f"{max(r['peak_mb_per_rank']):>20.3f} {r['peak_ratio_max_rank']:>11.4f} "
+                  f"{max(r['goal_bytes_per_rank']) / 2**20:>22.3f} {r['excess_bytes_max_rank']:>17.0f} "
                   f"{max(r['sent_fwd_per_rank']):>22} {max(r['dry_run_fwd_per_rank']):>10}")
 
 
@@ -258,19 +288,23 @@ def plot(bytes_rows, gloo_rows, path: Path) -> None:
     ax_b.grid(True, which="both", alpha=0.3)
     ax_b.legend(fontsize=6, ncol=len(worlds), loc="upper center", bbox_to_anchor=(0.5, -0.16))
     if gloo_rows:
-        ns = [r["ranks"] for r in gloo_rows]
-        single = max(gloo_rows[0]["peak_mb_per_rank"])
-        ax_m.plot(ns, [max(r["peak_mb_per_rank"]) for r in gloo_rows], "o-", label="measured (busiest rank)")
-        ax_m.plot(ns, [single / n for n in ns], "k:", label="single-process peak / N")
-        for r in gloo_rows:
-            ax_m.annotate(f"{r['step_seconds']:.2f}s/step", (r["ranks"], max(r["peak_mb_per_rank"])),
-                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        for i, layout in enumerate(dict.fromkeys(r["layout"] for r in gloo_rows)):
+            rows = [r for r in gloo_rows if r["layout"] == layout]
+            ns = [r["ranks"] for r in rows]
+            ax_m.plot(ns, [max(r["peak_mb_per_rank"]) for r in rows], "o-", color=f"C{i}",
+                      label=f"{layout}: measured (busiest rank)")
+            ax_m.plot(ns, [max(r["goal_bytes_per_rank"]) / 2**20 for r in rows], "--", color=f"C{i}", alpha=0.6,
+                      label=f"{layout}: goal, single / N + halo")
+            for r in rows:
+                ax_m.annotate(f"{r['step_seconds']:.2f}s/step", (r["ranks"], max(r["peak_mb_per_rank"])),
+                              textcoords="offset points", xytext=(0, 6 if i == 0 else -12), ha="center",
+                              fontsize=7, color=f"C{i}")
         ax_m.set_xscale("log", base=2)
         ax_m.set_xticks(ns, [str(n) for n in ns])
         ax_m.set_xlabel("ranks N (gloo, CPU)")
         ax_m.set_ylabel("tensor peak per rank, MiB")
         g = gloo_rows[0]
-        ax_m.set_title(f"training step, L={g['length']}, hidden {g['hidden']}, {g['layers']} layers")
+        ax_m.set_title(f"CPU training step, L={g['length']}, hidden {g['hidden']}, {g['layers']} layers")
         ax_m.grid(True, which="both", alpha=0.3)
         ax_m.legend(fontsize=8)
     fig.tight_layout()
@@ -290,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layout", choices=("regular", "packed"), default="regular", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.group = args.group or args.length // 4
     if args.worker:
@@ -305,7 +340,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.stem}_work"
     tmp.mkdir(exist_ok=True)
-    gloo_rows = gloo_runs(gloo_worlds, args.length, args.group, args.hidden, args.layers, args.repeats, tmp)
+    gloo_rows = [row for layout in ("regular", "packed")
+                 for row in gloo_runs(gloo_worlds, args.length, args.group, args.hidden, args.layers, args.repeats,
+                                      tmp, layout)]
     for r in gloo_rows:
         r["dry_run_fwd_per_rank"] = expected_gloo_bytes(r) if r["ranks"] > 1 else [0]
     print_tables(bytes_rows, gloo_rows)
