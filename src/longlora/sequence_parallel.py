@@ -11,10 +11,15 @@ keys/values of the groups its queries belong to that started on earlier ranks:
 With padding or packed documents the groups move with each document's start; the same rule ("every key that a local
 query's group holds before the chunk start") is computed from the global layout, so any layout is exact.
 
-`_HaloExchange` (an autograd Function on torch.distributed point-to-point ops; gloo on CPU, NCCL on GPU) moves those
-keys/values forward and their gradients back. Each rank then runs causal attention of its C queries over
-[halo ; own chunk] keys inside the segments (global document x group) they share, with longlora.attention's
-s2_attention kernels (`_chunk_attention`): no (C, C) mask, memory linear in the window.
+Point-to-point ops of torch.distributed (gloo on CPU, NCCL on GPU) move those keys/values forward and their
+gradients back (`_fetch_halos`, `_return_halo_grads`). Two ways to attend:
+- regular batches (no padding, no packing) on CPU: the chunk is one S2 row whose first segment per head half
+  continues the halo; longlora.attention_cpu's Function takes the halo as a row prefix (`_ChunkPrefix`), fetching
+  it in its forward and returning its gradients in its backward: one output, no copies (per-rank memory = one
+  process's / N + the halo);
+- otherwise (padding, packed documents, GPU backends): `_HaloExchange` builds [halo ; chunk] key/value windows and
+  `_chunk_attention` runs s2_attention over the segments (global document x group) the chunk's queries share: no
+  (C, C) mask, memory linear in the window, but copies of the windows and of the halo's (dropped) query rows.
 
 Library use (own training loop), on every rank of a process group holding the same full batch:
 
