@@ -8,6 +8,7 @@ differences per case to the JSON file named on the command line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,9 +19,12 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
+from s2_reference import ReferenceKernel  # noqa: E402
 from tiny_models import tiny_config  # noqa: E402
 
+from longlora import attention_varlen, sequence_parallel  # noqa: E402
 from longlora.adapters import apply_lora_plus  # noqa: E402
+from longlora.attention import use_backend  # noqa: E402
 from longlora.integration import enable_s2_attention  # noqa: E402
 from longlora.sequence_parallel import (  # noqa: E402
     count_traffic, enable_sequence_parallel, sequence_parallel_loss, shard_batch,
@@ -70,7 +74,18 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
     enable_sequence_parallel(model, group_size=case["group_size"])
     shard = shard_batch(batch, model)
-    with count_traffic() as traffic:
+    # path: "auto" (CPU: the kernels' row prefix on regular batches), "sdpa" (the general [halo ; chunk] path for
+    # any batch) or "varlen" (the CUDA path's code, its kernel replaced by the per-segment reference)
+    path = case.get("path", "auto")
+    kernel = ReferenceKernel()
+    fetches = []
+    fetch = sequence_parallel._ChunkPrefix.fetch
+    with count_traffic() as traffic, use_backend(path), contextlib.ExitStack() as stack:
+        stack.callback(setattr, sequence_parallel._ChunkPrefix, "fetch", fetch)
+        sequence_parallel._ChunkPrefix.fetch = lambda self, k, v: fetches.append(1) or fetch(self, k, v)
+        if path == "varlen":
+            stack.callback(setattr, attention_varlen, "KERNEL", attention_varlen.KERNEL)
+            attention_varlen.KERNEL = kernel
         loss = sequence_parallel_loss(model, shard)
         loss.backward()
     total = loss.detach().clone()
@@ -83,7 +98,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             dist.all_reduce(g)  # the group's sum: the gradient of the whole sequence's loss
             names.append(name)
             grads.append((g, ref_grads[name].grad))
-    sent = torch.tensor([sum(n for d, _, n in traffic if d == "fwd"), sum(n for d, _, n in traffic if d == "bwd")])
+    sent = torch.tensor([sum(n for d, _, n in traffic if d == "fwd"), sum(n for d, _, n in traffic if d == "bwd"),
+                         len(fetches), sum(c["window"] == (-1, -1) for c in kernel.forward_calls)])
     all_sent = [torch.zeros_like(sent) for _ in range(world)]
     dist.all_gather(all_sent, sent)
     plan = shard["sp_plan"]
@@ -95,7 +111,9 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         "zero_ref_grads": [n for n, (_, r) in zip(names, grads) if float(r.abs().max()) == 0.0],
         "n_trainable": len(names),
         "halo": plan.halo, "chunk": plan.chunk,
-        "bytes_sent": [s.tolist() for s in all_sent],
+        "bytes_sent": [s.tolist()[:2] for s in all_sent],
+        "prefix_fetches": [int(s[2]) for s in all_sent],  # per rank: layers that took the row-prefix path
+        "prefix_calls": [int(s[3]) for s in all_sent],  # per rank: varlen kernel calls over a prefix (halo)
     }
 
 

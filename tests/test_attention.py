@@ -5,7 +5,7 @@ import torch
 
 from longlora.attention import (flash_available, get_backend, resolve_backend, s2_attention, s2_dense_mask,
                                 set_backend, token_layout, use_backend)
-from s2_reference import reference_attention, reference_mask
+from s2_reference import SlicePrefix, reference_attention, reference_mask
 
 
 def rand_qkv(b, hq, hk, length, d=8, dtype=torch.float64, seed=0):
@@ -414,35 +414,12 @@ def test_lazy_calibration_runs_outside_the_callers_saved_tensor_hooks(monkeypatc
     assert packed and attention_cpu._CALIBRATION == [expected]
 
 
-class _SlicePrefix:
-    """A RowPrefix over a row cut out of a longer sequence: the keys of each half's straddling group before the cut
-    (what a sequence-parallel rank receives as its halo), the gradients given back recorded."""
-
-    def __init__(self, k, v, start, length, group, n_kv_plain):
-        half = group // 2
-        # first token of the plain / shifted group holding token `start` (shifted groups begin at 0, G/2, 3G/2, ...)
-        self.starts = [start - start % group, 0 if start < half else start - (start - half) % group]
-        ends = [s + group if h == 0 or s else half for h, s in enumerate(self.starts)]
-        self.first_lengths = tuple(min(end, start + length) - start for end in ends)
-        self.kv_start = (0, n_kv_plain)
-        self.k, self.v, self.start, self.given = k, v, start, None
-        self.kv = ((0, n_kv_plain), (n_kv_plain, k.shape[1]))
-
-    def fetch(self, key, value):
-        return [(self.k[:, a:z, s:self.start].detach(), self.v[:, a:z, s:self.start].detach())
-                for (a, z), s in zip(self.kv, self.starts)]
-
-    def give_back(self, grads, dk, dv):
-        self.given = [(gk.clone(), gv.clone()) for gk, gv in grads]
-        dk += 1.0  # what the ranks the row's keys were sent to would add: must reach the returned gradient
-        dv -= 1.0
-
-
 @pytest.mark.parametrize("hq,hk,length,group,start,chunk", [
     (4, 2, 64, 16, 24, 32),  # plain half straddles (8 before), shifted half starts at the cut
     (4, 2, 64, 32, 32, 32),  # shifted straddles (16 before); its local part is two equal half-groups
     (6, 2, 96, 32, 48, 16),  # a row shorter than a group: the whole row is one segment of each half
     (4, 4, 96, 16, 40, 48),  # MHA, both halves straddle
+    (9, 3, 96, 16, 40, 48),  # a key/value head shared by a plain and a shifted block
 ])
 def test_cpu_row_prefix_equals_the_longer_sequence(hq, hk, length, group, start, chunk):
     """s2_cpu_flash(prefix=...) on a cut of a sequence = S2 over the whole sequence at the cut's rows: outputs,
@@ -455,7 +432,7 @@ def test_cpu_row_prefix_equals_the_longer_sequence(hq, hk, length, group, start,
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
-    prefix = _SlicePrefix(k, v, start, chunk, group, hk // 2)
+    prefix = SlicePrefix(k, v, start, chunk, group, hq)
     out = s2_cpu_flash(ql, kl, vl, group, hq // 2, None, prefix=prefix)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad_out)

@@ -16,53 +16,7 @@ import torch
 
 from longlora import attention_varlen
 from longlora.attention import s2_attention, token_layout, use_backend
-from s2_reference import reference_attention, reference_mask
-
-
-def segment_attention(q, k, v, cu, scale, window):
-    """Causal softmax attention inside each segment [cu[i], cu[i+1]). q (N, h, D), k/v (N, hk, D) -> out, lse (h, N)."""
-    rep = q.shape[1] // k.shape[1]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    outs, lses = [], []
-    for a, z in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        n = z - a
-        if n == 0:
-            continue
-        qs = q[a:z].transpose(0, 1)  # (h, n, D)
-        ks, vs = (x[a:z].repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
-        scores = qs @ ks.transpose(-1, -2) * scale  # (h, n, n)
-        i = torch.arange(n)
-        allowed = i[None, :] <= i[:, None]
-        if window[0] >= 0:
-            allowed &= i[None, :] >= i[:, None] - window[0]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        lses.append(scores.logsumexp(-1))  # (h, n)
-        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))  # (n, h, D)
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-class ReferenceKernel:
-    """KERNEL's interface over segment_attention; records every call."""
-
-    def __init__(self):
-        self.forward_calls, self.backward_calls = [], []
-
-    def forward(self, out, q, k, v, cu, max_len, scale, window):
-        lengths = (cu[1:] - cu[:-1]).tolist()
-        assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == q.shape[0] and min(lengths) >= 0
-        assert max(lengths) <= max_len, "max_len must bound every segment"
-        self.forward_calls.append(dict(out=out, q=q, k=k, v=v, cu=cu.tolist(), window=window))
-        o, lse = segment_attention(q, k, v, cu, scale, window)
-        out.copy_(o)
-        return lse
-
-    def backward(self, grad_out, q, k, v, out, lse, cu, max_len, scale, window):
-        assert lse.shape == (q.shape[1], q.shape[0])
-        self.backward_calls.append(dict(q_heads=q.shape[1], kv_heads=k.shape[1], cu=cu.tolist()))
-        with torch.enable_grad():
-            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-            o, _ = segment_attention(qq, kk, vv, cu, scale, window)
-            return torch.autograd.grad(o, (qq, kk, vv), grad_out)
+from s2_reference import ReferenceKernel, SlicePrefix, reference_attention, reference_mask, segment_attention
 
 
 @pytest.fixture
@@ -278,9 +232,17 @@ def test_torch_kernel_calls_this_torchs_real_ops_with_matching_arguments(hq, hk)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_varlen, "KERNEL", kernel)
         out = attention_varlen.s2_varlen(q, k, v, token_layout(b, length, q.device), 16, hq // 2, None, None)
-    assert out.shape == (b, hq, length, d)
-    out.sum().backward()
-    assert kernel.features == before  # no fallback was needed: the fast path took every call
+        assert out.shape == (b, hq, length, d)
+        out.sum().backward()
+        assert kernel.features == before  # no fallback was needed: the fast path took every call
+        if attention_varlen.prefix_supported():  # a row prefix: unmasked calls with their own key cu_seqlens
+            whole = tuple(torch.empty(b, 3 * length, h, d, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+                          for h in (hk, hk))
+            prefix = SlicePrefix(*whole, 40, length, 16, hq)
+            out = attention_varlen.s2_varlen(q, k, v, token_layout(b, length, q.device), 16, hq // 2, None, None,
+                                             prefix=prefix)
+            out.sum().backward()
+            assert kernel.features == before and [g[0].shape[2] for g in prefix.given] == [8, 0]
     for x in (q, k, v):
         assert x.grad.shape == x.shape and x.grad.stride() == x.stride()
 
@@ -368,3 +330,62 @@ def test_layer_integration_has_no_host_device_sync_in_the_regular_layout():
         s2_attention(q, k, v, 64, layout=layout).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("hq,hk,length,group,start,chunk", [
+    (4, 2, 64, 16, 24, 32),  # plain half straddles (8 before), shifted half starts at the cut
+    (4, 2, 64, 32, 32, 32),  # shifted straddles (16 before); its local part is two equal half-groups
+    (6, 2, 96, 32, 48, 16),  # a row shorter than a group
+    (9, 3, 96, 16, 40, 48),  # a key/value head shared by a plain and a shifted block, both halves straddle
+])
+def test_row_prefix_equals_the_longer_sequence(kernel, hq, hk, length, group, start, chunk):
+    """s2_varlen(prefix=...) (sequence parallelism on CUDA) on a cut of a sequence = S2 over the whole sequence at the
+    cut's rows: outputs, gradients of the row's q/k/v and of the prefix keys/values, and what give_back adds; the
+    prefix calls are unmasked with their own key cu_seqlens."""
+    q, k, v = rand_qkv(2, hq, hk, length)
+    rows = slice(start, start + chunk)
+    ref = reference_attention(q, k, v, reference_mask(length, hq, group, batch=2))[:, :, rows]
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
+    prefix = SlicePrefix(k, v, start, chunk, group, hq)
+    out = attention_varlen.s2_varlen(ql, kl, vl, token_layout(2, chunk, ql.device), group, hq // 2, None, None,
+                                     prefix=prefix)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad_out)
+    torch.testing.assert_close(dq, ref_grads[0][:, :, rows], atol=1e-10, rtol=0)
+    torch.testing.assert_close(dk - 1.0, ref_grads[1][:, :, rows], atol=1e-10, rtol=0)
+    torch.testing.assert_close(dv + 1.0, ref_grads[2][:, :, rows], atol=1e-10, rtol=0)
+    for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
+        torch.testing.assert_close(gk, ref_grads[1][:, a:z, s:start], atol=1e-10, rtol=0)
+        torch.testing.assert_close(gv, ref_grads[2][:, a:z, s:start], atol=1e-10, rtol=0)
+    cross = [c for c in kernel.forward_calls if c["window"] == (-1, -1)]
+    assert cross and all(c["cu_k"] is not None for c in cross)
+
+
+@pytest.mark.gpu
+@cuda
+def test_real_varlen_kernel_row_prefix_matches_dense_reference():
+    """The row prefix (sequence parallelism on CUDA) through torch's real varlen kernels: the unmasked call with its
+    own key cu_seqlens, the logsumexp merge and the backward from the merged output, against the dense reference."""
+    if not attention_varlen.prefix_supported():
+        pytest.skip("this torch's varlen has no logsumexp/backward op: sequence parallelism takes the general path")
+    hq, hk, length, group, start, chunk = 8, 2, 1024, 256, 384, 512
+    q, k, v = _cuda_case(2, hq, hk, length, torch.bfloat16)
+    rows = slice(start, start + chunk)
+    ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
+    prefix = SlicePrefix(k, v, start, chunk, group, hq)
+    out = attention_varlen.s2_varlen(ql, kl, vl, token_layout(2, chunk, ql.device), group, hq // 2, None, None,
+                                     prefix=prefix)
+    q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, reference_mask(length, hq, group, batch=2))[:, :, rows]
+    close = lambda a, b: (a - b).abs().max() <= 2e-2 * b.abs().max() + 2e-3  # noqa: E731  (bf16 rounding)
+    assert close(out.double().cpu(), ref)
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, (ql, kl, vl), grad.to("cuda", out.dtype))
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad)
+    assert close(got[0].double().cpu(), want[0][:, :, rows])
+    assert close(got[1].double().cpu() - 1.0, want[1][:, :, rows])  # SlicePrefix.give_back adds +1 / -1
+    assert close(got[2].double().cpu() + 1.0, want[2][:, :, rows])
+    for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
+        assert close(gk.double().cpu(), want[1][:, a:z, s:start]) and close(gv.double().cpu(), want[2][:, a:z, s:start])

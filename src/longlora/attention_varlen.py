@@ -77,8 +77,8 @@ class TorchVarlenKernel:
         kw = {"scale": scale} if f["scale"] else {}  # without the argument: the default 1/sqrt(D) (see applies)
         if f["window"]:
             kw["window_size"] = window
-        else:
-            kw["is_causal"] = True
+        else:  # (-1, 0): causal; (-1, -1): no mask (a row's prefix); other windows need window_size (see supports)
+            kw["is_causal"] = window[1] == 0
         return kw
 
     def _kv(self, q, k, v):
@@ -90,9 +90,11 @@ class TorchVarlenKernel:
             return k, v, {"enable_gqa": True}
         return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}  # (N, Hq, D)
 
-    def forward(self, out, q, k, v, cu, max_len, scale, window):
-        """Causal attention per segment of q (N, h, D) over k/v (N, hk, D), written into out (N, h, D); returns the
-        logsumexp (h, N) float32, or None where this torch does not return it."""
+    def forward(self, out, q, k, v, cu, max_len, scale, window, cu_k=None, max_k=None):
+        """Attention per segment of q (N, h, D) over k/v (Nk, hk, D), written into out (N, h, D); returns the
+        logsumexp (h, N) float32, or None where this torch does not return it. Segments: cu (and cu_k for the keys
+        when they differ from the queries'); window (-1, 0) causal, (w - 1, 0) sliding, (-1, -1) no mask."""
+        cu_k, max_k = (cu, max_len) if cu_k is None else (cu_k, max_k)
         varlen = _varlen_module()
         kw = self._kwargs(scale, window)
         k, v, gqa = self._kv(q, k, v)
@@ -100,12 +102,12 @@ class TorchVarlenKernel:
         aux = {"return_aux": varlen.AuxRequest(lse=True)} if self.features["aux"] else {}
         if self.features["out"] and self.features["window"]:
             try:
-                result = varlen.varlen_attn_out(out, q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+                result = varlen.varlen_attn_out(out, q, k, v, cu, cu_k, max_len, max_k, **aux, **kw)
                 return result[1] if aux else None
             except RuntimeError:  # e.g. a cuDNN build without the out variant: allocate and copy from now on
                 self._features["out"] = False
         try:
-            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+            result = varlen.varlen_attn(q, k, v, cu, cu_k, max_len, max_k, **aux, **kw)
         except RuntimeError:
             if not gqa:
                 raise
@@ -113,26 +115,27 @@ class TorchVarlenKernel:
             self._features["gqa"] = False
             k, v, _ = self._kv(q, k, v)
             kw.pop("enable_gqa")
-            result = varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **aux, **kw)
+            result = varlen.varlen_attn(q, k, v, cu, cu_k, max_len, max_k, **aux, **kw)
         piece, lse = result if aux else (result, None)
         out.copy_(piece)
         return lse
 
-    def backward(self, grad_out, q, k, v, out, lse, cu, max_len, scale, window):
-        """(dq, dk, dv) of one head half; dk/dv have k/v's (unrepeated) heads."""
+    def backward(self, grad_out, q, k, v, out, lse, cu, max_len, scale, window, cu_k=None, max_k=None):
+        """(dq, dk, dv) of one forward call; dk/dv have k/v's (unrepeated) heads."""
+        cu_k, max_k = (cu, max_len) if cu_k is None else (cu_k, max_k)
         rep = q.shape[1] // k.shape[1]
         if lse is not None and self.features["backward"] and self.features["window"]:
             kk, vv, _ = self._kv(q, k, v)
             rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: the state is unused
             dq, dk, dv = torch.ops.torch_attn._varlen_attn_backward(
-                grad_out, q, kk, vv, out, lse, cu, cu, max_len, max_len, window == (-1, 0), rng, scale, list(window))
+                grad_out, q, kk, vv, out, lse, cu, cu_k, max_len, max_k, window == (-1, 0), rng, scale, list(window))
         else:  # recompute this half through the differentiable public function
             varlen = _varlen_module()
             kw = self._kwargs(scale, window)
             with torch.enable_grad():
                 qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
                 k2, v2, gqa = self._kv(qq, kk, vv)
-                res = varlen.varlen_attn(qq, k2, v2, cu, cu, max_len, max_len, **kw, **gqa)
+                res = varlen.varlen_attn(qq, k2, v2, cu, cu_k, max_len, max_k, **kw, **gqa)
                 dq, dk, dv = torch.autograd.grad(res, (qq, kk, vv), grad_out)
             return dq, dk, dv
         if dk.shape[1] != k.shape[1]:  # K/V were repeated for the kernel: sum each key/value head's copies
@@ -152,8 +155,17 @@ def _backward_op_matches() -> bool:
 
 
 KERNEL = TorchVarlenKernel()
-"""The kernel every varlen call uses: an object with forward(out, q, k, v, cu, max_len, scale, window) -> lse and
-backward(grad_out, q, k, v, out, lse, cu, max_len, scale, window) -> (dq, dk, dv). Replace it to test on CPU."""
+"""The kernel every varlen call uses: an object with forward(out, q, k, v, cu, max_len, scale, window, cu_k=None,
+max_k=None) -> lse and backward(grad_out, q, k, v, out, lse, cu, max_len, scale, window, cu_k=None, max_k=None) ->
+(dq, dk, dv). Replace it to test on CPU."""
+
+
+def prefix_supported() -> bool:
+    """Whether KERNEL can run a row prefix (`s2_varlen(prefix=...)`): it must return the logsumexp and take its
+    backward from the given (merged) output and logsumexp, as torch's private backward op does; a backward that
+    recomputes would see only its own part of each row. An injected kernel is taken at its word."""
+    f = getattr(KERNEL, "features", None)
+    return f is None or bool(f["aux"] and f["backward"] and f["window"])
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,34 +233,69 @@ def segment_cu_seqlens(layout: TokenLayout, group_size: int, shift: int) -> tupl
     return layout.cache[key]
 
 
+def lse_merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> None:
+    """Fold a second attention of the same queries over other keys into (out, lse), in place.
+
+    out/out2 (B, F, h, D), lse/lse2 (h, B, F) float32 (natural log of each row's sum of exp(scores))."""
+    merged = torch.logaddexp(lse, lse2)  # (h, B, F)
+    w1, w2 = (torch.exp(x - merged).permute(1, 2, 0).unsqueeze(-1) for x in (lse, lse2))  # (B, F, h, 1)
+    acc = torch.promote_types(out.dtype, torch.float32)  # fp32 for half-precision outputs
+    out.copy_(out.to(acc) * w1 + out2.to(acc) * w2)
+    lse.copy_(merged)
+
+
 class _S2Varlen(torch.autograd.Function):
-    """One kernel call per head block into one output; the backward writes one dq and accumulates dk/dv."""
+    """One kernel call per head block into one output; the backward writes one dq and accumulates dk/dv.
+
+    With a `RowPrefix` (longlora.attention_cpu; regular layouts, rows of C tokens): each block's first segment of
+    every row also attends to the prefix keys: a second, unmasked call whose output and logsumexp are merged into
+    those rows, and one more backward call. The prefix is fetched in the forward and its gradients given back in the
+    backward (sequence parallelism: the halo, exchanged inside the Function).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, blocks, scale, window, kernel):
-        # q (N, Hq, D), k/v (N, Hkv, D); blocks: (h0, h1, kv0, kv1, cu_seqlens, max_len)
+    def forward(ctx, q, k, v, blocks, scale, window, kernel, prefix=None, rows=None, n_plain=None):
+        # q (N, Hq, D), k/v (N, Hkv, D); blocks: (h0, h1, kv0, kv1, cu_seqlens, max_len); with a prefix: rows (B, C)
+        # and the number of plain heads
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])  # (N, Hq, D)
-        lses = []
+        before = [] if prefix is None else prefix.fetch(*(x.view(*rows, *x.shape[1:]).transpose(1, 2) for x in (k, v)))
+        lses, pre = [], []
         for h0, h1, kv0, kv1, cu, max_len in blocks:
-            lses.append(kernel.forward(out[:, h0:h1], q[:, h0:h1], k[:, kv0:kv1], v[:, kv0:kv1], cu, max_len, scale,
-                                       window))
+            lse = kernel.forward(out[:, h0:h1], q[:, h0:h1], k[:, kv0:kv1], v[:, kv0:kv1], cu, max_len, scale, window)
+            pre.append(None if prefix is None else _prefix_call(before, prefix, n_plain, h0, kv0, kv1))
+            if pre[-1] is not None:
+                if lse is None:
+                    raise RuntimeError("a row prefix needs the kernel's logsumexp (torch >= 2.11 varlen)")
+                (half, first, n, a, z), (kp, vp, cu_q, cu_k) = pre[-1], _prefix_tensors(before, pre[-1], rows)
+                b = rows[0]
+                o_first = q.new_empty(b * first, h1 - h0, v.shape[-1])  # (B*F, h, D)
+                q_first = q.view(*rows, *q.shape[1:])[:, :first, h0:h1].reshape(b * first, h1 - h0, -1)
+                lse2 = kernel.forward(o_first, q_first, kp, vp, cu_q, first, scale, (-1, -1), cu_k=cu_k, max_k=n)
+                lse_merge(out.view(*rows, *out.shape[1:])[:, :first, h0:h1], lse.view(-1, *rows)[:, :, :first],
+                          o_first.view(b, first, h1 - h0, -1), lse2.view(-1, b, first))
+            lses.append(lse)
         ctx.blocks, ctx.scale, ctx.window, ctx.kernel = blocks, scale, window, kernel
+        ctx.prefix, ctx.rows, ctx.pre = prefix, rows, pre
         ctx.has_lse = [x is not None for x in lses]
-        ctx.save_for_backward(q, k, v, out, *(x for x in lses if x is not None))
+        ctx.save_for_backward(q, k, v, out, *(x for x in lses if x is not None),
+                              *(t for pair in before for t in pair))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, *saved = ctx.saved_tensors
-        lses = iter(saved)
+        n_lse = sum(ctx.has_lse)
+        lses, flat = iter(saved[:n_lse]), saved[n_lse:]
+        before = list(zip(flat[::2], flat[1::2]))  # per half (k, v) of the prefix, (B, heads, n, D)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         dq = torch.empty_like(q)
         kv_ranges = [(b[2], b[3]) for b in ctx.blocks]
         disjoint = len(set(kv_ranges)) == len(kv_ranges) and all(
             a1 <= b0 or b1 <= a0 for i, (a0, a1) in enumerate(kv_ranges) for (b0, b1) in kv_ranges[i + 1:])
         dk, dv = (torch.empty_like(x) if disjoint else torch.zeros_like(x) for x in (k, v))
-        for (h0, h1, kv0, kv1, cu, max_len), has_lse in zip(ctx.blocks, ctx.has_lse):
+        d_before = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in before]
+        for (h0, h1, kv0, kv1, cu, max_len), has_lse, pre in zip(ctx.blocks, ctx.has_lse, ctx.pre):
             lse = next(lses) if has_lse else None
             gq, gk, gv = ctx.kernel.backward(grad_out[:, h0:h1], q[:, h0:h1], k[:, kv0:kv1], v[:, kv0:kv1],
                                              out[:, h0:h1], lse, cu, max_len, ctx.scale, ctx.window)
@@ -259,12 +306,51 @@ class _S2Varlen(torch.autograd.Function):
             else:  # a key/value head serves a plain and a shifted block
                 dk[:, kv0:kv1] += gk
                 dv[:, kv0:kv1] += gv
-        return dq, dk, dv, None, None, None, None
+            if pre is not None:  # the first segments' rows over the prefix keys (unmasked)
+                (half, first, n, a, z), (kp, vp, cu_q, cu_k) = pre, _prefix_tensors(before, pre, ctx.rows)
+                b = ctx.rows[0]
+
+                def first_rows(x, h0=h0, h1=h1, first=first):  # (N, Hq, D) -> (B*F, h, D)
+                    return x.view(*ctx.rows, *x.shape[1:])[:, :first, h0:h1].reshape(b * first, h1 - h0, -1)
+
+                lse_first = lse.view(-1, *ctx.rows)[:, :, :first].reshape(-1, b * first)  # (h, B*F)
+                gq, gk, gv = ctx.kernel.backward(first_rows(grad_out), first_rows(q), kp, vp, first_rows(out),
+                                                 lse_first, cu_q, first, ctx.scale, (-1, -1), cu_k=cu_k, max_k=n)
+                dq.view(*ctx.rows, *dq.shape[1:])[:, :first, h0:h1] += gq.view(b, first, h1 - h0, -1)
+                for dst, g in zip(d_before[half], (gk, gv)):  # (B*n, hk, D) -> (B, hk, n, D)
+                    dst[:, a:z] += g.view(b, n, z - a, -1).transpose(1, 2)
+        if ctx.prefix is not None:
+            ctx.prefix.give_back(d_before, *(x.view(*ctx.rows, *x.shape[1:]).transpose(1, 2) for x in (dk, dv)))
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _prefix_call(before, prefix, n_plain, h0, kv0, kv1):
+    """(half, first segment length, prefix tokens, the block's key/value heads inside the half's prefix), or None
+    when the block's half has no prefix."""
+    half = int(h0 >= n_plain)
+    n = before[half][0].shape[2]
+    if n == 0:
+        return None
+    return half, prefix.first_lengths[half], n, kv0 - prefix.kv_start[half], kv1 - prefix.kv_start[half]
+
+
+def _prefix_tensors(before, pre, rows):
+    """The block's prefix keys/values token-first, (B*n, hk, D) each, and the cu_seqlens of the first segments'
+    queries (F per row) and of the prefix keys (n per row)."""
+    half, first, n, a, z = pre
+    b = rows[0]
+    kp, vp = (x[:, a:z].transpose(1, 2).reshape(b * n, z - a, -1) for x in before[half])
+    device = kp.device
+    return kp, vp, regular_cu_seqlens(b, first, first, 0, device)[0], regular_cu_seqlens(b, n, n, 0, device)[0]
 
 
 def s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout, group_size: int,
-              n_plain: int, scale: float | None, sliding_window: int | None) -> torch.Tensor:
-    """S2-Attn through KERNEL. query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, Hq, L, D); padded rows give 0."""
+              n_plain: int, scale: float | None, sliding_window: int | None, prefix=None) -> torch.Tensor:
+    """S2-Attn through KERNEL. query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, Hq, L, D); padded rows give 0.
+
+    prefix: a `RowPrefix` (regular layouts only): its first_lengths set each half's first segment, which also sees
+    the prefix keys (needs the kernel's logsumexp, and a sliding window of at least G if any).
+    """
     b, hq, length, _ = query.shape
     hk = key.shape[1]
     # tokens-first views: the model's q/k/v are transposes of (B, L, H, D), so this costs no copy
@@ -272,18 +358,27 @@ def s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layou
     k_tok = key.transpose(1, 2).reshape(b * length, hk, -1)  # (B*L, Hkv, D)
     v_tok = value.transpose(1, 2).reshape(b * length, hk, -1)
     regular = layout.regular
+    if prefix is not None and not regular:
+        raise ValueError("a row prefix needs the regular layout (no padding, no packing)")
     if not regular:
         q_tok, k_tok, v_tok = q_tok[layout.index], k_tok[layout.index], v_tok[layout.index]  # (N, H, D)
     # a window at least as long as a group never bites inside one
     window = (sliding_window - 1, 0) if sliding_window is not None and sliding_window < group_size else (-1, 0)
+    if prefix is not None and window != (-1, 0):
+        raise ValueError("a row prefix needs no sliding window shorter than the group size")
+    if prefix is not None and not prefix_supported():
+        raise ValueError("a row prefix needs torch's varlen logsumexp and backward op (torch >= 2.11)")
     blocks = []
     for h0, h1, kv0, kv1, shift in head_blocks(hq, hk, n_plain, group_size):
+        if prefix is not None:
+            shift = prefix.first_lengths[int(h0 >= n_plain)] % group_size
         if regular:
             cu, max_len = regular_cu_seqlens(b, length, group_size, shift, query.device)
         else:
             cu, max_len = segment_cu_seqlens(layout, group_size, shift)
         blocks.append((h0, h1, kv0, kv1, cu, max_len))
-    out = _S2Varlen.apply(q_tok, k_tok, v_tok, blocks, scale, window, KERNEL)  # (N, Hq, D)
+    out = _S2Varlen.apply(q_tok, k_tok, v_tok, blocks, scale, window, KERNEL, prefix, (b, length),
+                          n_plain)  # (N, Hq, D)
     if not regular:  # padded positions give 0
         out = out.new_zeros(b * length, hq, out.shape[-1]).index_put((layout.index,), out)
     return out.view(b, length, hq, -1).transpose(1, 2)  # (B, Hq, L, D)

@@ -47,6 +47,7 @@ from . import attention
 from .adapters import base_model
 from .attention import TokenLayout, group_segments, resolve_backend, s2_attention, token_layout
 from .attention_cpu import s2_cpu_flash
+from .attention_varlen import prefix_supported, s2_varlen
 from .integration import (
     S2Settings, s2_attention_forward, s2_mask, set_attention,
 )
@@ -389,20 +390,28 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
     settings = getattr(module, "s2_settings", None)
     shift = settings.shift if settings is not None else True
     halves = _halves(hq, key.shape[1], shift)
-    if plan.first_lengths is not None and resolve_backend(
-            query, key, value, plan.chunk_layout, plan.group_size, dropout=dropout,
-            backend=settings.backend if settings is not None else "auto",
-            sliding_window=kwargs.get("sliding_window"), scale=scaling) == "cpu":
-        # the chunk is one regular S2 row whose first segments continue the halo: the CPU kernels take the halo as
-        # a prefix (fetched and returned inside their Function), writing one (B, C, Hq, D) output
-        out = s2_cpu_flash(query, key, value, plan.group_size, hq // 2 if shift else hq, scaling,
-                           attention.REUSE_OUTPUT_MEMORY, prefix=_ChunkPrefix(plan, halves))  # (B, Hq, C, D)
-        return out.transpose(1, 2), None
+    window = kwargs.get("sliding_window")
+    if plan.first_lengths is not None:
+        # the chunk is one regular S2 row whose first segments continue the halo: the CPU and varlen kernels take
+        # the halo as a prefix (fetched and returned inside their Function), writing one (B, C, Hq, D) output
+        n_plain = hq // 2 if shift else hq
+        backend = resolve_backend(query, key, value, plan.chunk_layout, plan.group_size, dropout=dropout,
+                                  backend=settings.backend if settings is not None else "auto",
+                                  sliding_window=window, scale=scaling)
+        prefix = _ChunkPrefix(plan, halves)
+        if backend == "cpu":
+            out = s2_cpu_flash(query, key, value, plan.group_size, n_plain, scaling, attention.REUSE_OUTPUT_MEMORY,
+                               prefix=prefix)  # (B, Hq, C, D)
+            return out.transpose(1, 2), None
+        if backend == "varlen" and prefix_supported() and (window is None or window >= plan.group_size):
+            out = s2_varlen(query, key, value, plan.chunk_layout, plan.group_size, n_plain, scaling, window,
+                            prefix=prefix)  # (B, Hq, C, D)
+            return out.transpose(1, 2), None
     windows = _HaloExchange.apply(key, value, plan, halves)  # per half: (B, kv, halo+C, D) keys, values
     pieces = []
     for i, (q0, q1, kv0, kv1, h) in enumerate(halves):
         pieces.append(_chunk_attention(query[:, q0:q1], windows[2 * i], windows[2 * i + 1], plan.layouts[h],
-                                       plan.group_size, scaling, dropout, kwargs.get("sliding_window")))
+                                       plan.group_size, scaling, dropout, window))
     # heads-last, as transformers expects: one copy, and the caller's reshape is then a view
     out = torch.cat([p.transpose(1, 2) for p in pieces], dim=2)  # (B, C, Hq, D)
     return out, None
