@@ -272,6 +272,20 @@ def head_blocks(hq: int, hk: int, n_plain: int, group_size: int) -> list[tuple[i
     return blocks
 
 
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                    lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of the same queries over two disjoint key sets, merged into attention over their union.
+
+    o (..., D), lse (...) over o's leading dimensions (natural log of each row's sum of exp(scores)) -> (o, lse) of
+    the union; the merged lse has lse1's memory layout (flash backward kernels read it as their forward wrote it).
+    A row prefix (sequence parallelism's halo) is attended this way: a second kernel call over the prefix keys.
+    """
+    lse = torch.logaddexp(lse1, lse2, out=torch.empty_like(lse1))
+    acc = torch.promote_types(o1.dtype, torch.float32)  # at least fp32 for half-precision outputs, float64 kept
+    w1, w2 = (torch.exp(x - lse).unsqueeze(-1) for x in (lse1, lse2))  # each part's share of a row's softmax
+    return (o1.to(acc) * w1 + o2.to(acc) * w2).to(o1.dtype), lse
+
+
 def set_backend(backend: str = "auto", *, reuse_output_memory: bool | None = None) -> None:
     """Set the backend used by every s2_attention call that passes backend="auto" (a model's layers do, unless
     enable_s2_attention got another backend), and optionally REUSE_OUTPUT_MEMORY. set_backend() restores "auto"."""

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .attention import TokenLayout, group_runs, head_blocks
+from .attention import TokenLayout, group_runs, head_blocks, merge_attention
 
 _CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The backward kernel returns freshly allocated dq/dk/dv for the rows it is given: cutting each group into
@@ -115,18 +115,6 @@ class RowPrefix(Protocol):
                   dv: torch.Tensor) -> None: ...
 
 
-def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
-    """Softmax attention of the same queries over two disjoint key sets -> attention over their union.
-
-    o (n, H, seg, D), lse (n, H, seg) (natural log of each row's sum of exp(scores)) -> (o, lse) of the union.
-    """
-    # in lse1's memory layout: torch's CPU flash backward expects the (n, seg, H) storage its forward produces
-    lse = torch.logaddexp(lse1, lse2, out=torch.empty_like(lse1))  # (n, H, seg)
-    w1, w2 = (torch.exp(x - lse).unsqueeze(-1) for x in (lse1, lse2))  # (n, H, seg, 1) each part's share
-    acc = torch.promote_types(o1.dtype, torch.float32)  # at least fp32 for bf16/fp16 outputs, float64 kept
-    return (o1.to(acc) * w1 + o2.to(acc) * w2).to(o1.dtype), lse
-
-
 class _S2FlashCPU(torch.autograd.Function):
     """S2-Attn on the regular layout with torch's CPU flash kernels, one call per (row, head block, batch of groups).
 
@@ -167,7 +155,7 @@ class _S2FlashCPU(torch.autograd.Function):
                     on_prefix = pre if batch[0] == 0 else None
                     if on_prefix is not None:
                         kp, vp = (x[bi:bi + 1, pre[1]:pre[2]] for x in before[pre[0]])  # (1, Hkv, n, D)
-                        piece, lse = _merge(piece, lse, *flash_fwd(q, kp, vp, 0.0, False, scale=scale))
+                        piece, lse = merge_attention(piece, lse, *flash_fwd(q, kp, vp, 0.0, False, scale=scale))
                     _pieces(out, bi, h0, h1, *batch).copy_(piece)
                     del piece  # one piece's output alive at a time
                     plan.append((bi, h0, h1, kv0, kv1, batch, on_prefix))

@@ -26,7 +26,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .attention import Segments, TokenLayout, group_segments, head_blocks
+from .attention import Segments, TokenLayout, group_segments, head_blocks, merge_attention
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -233,17 +233,6 @@ def segment_cu_seqlens(layout: TokenLayout, group_size: int, shift: int) -> tupl
     return layout.cache[key]
 
 
-def lse_merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> None:
-    """Fold a second attention of the same queries over other keys into (out, lse), in place.
-
-    out/out2 (B, F, h, D), lse/lse2 (h, B, F) float32 (natural log of each row's sum of exp(scores))."""
-    merged = torch.logaddexp(lse, lse2)  # (h, B, F)
-    w1, w2 = (torch.exp(x - merged).permute(1, 2, 0).unsqueeze(-1) for x in (lse, lse2))  # (B, F, h, 1)
-    acc = torch.promote_types(out.dtype, torch.float32)  # fp32 for half-precision outputs
-    out.copy_(out.to(acc) * w1 + out2.to(acc) * w2)
-    lse.copy_(merged)
-
-
 class _S2Varlen(torch.autograd.Function):
     """One kernel call per head block into one output; the backward writes one dq and accumulates dk/dv.
 
@@ -271,8 +260,13 @@ class _S2Varlen(torch.autograd.Function):
                 o_first = q.new_empty(b * first, h1 - h0, v.shape[-1])  # (B*F, h, D)
                 q_first = q.view(*rows, *q.shape[1:])[:, :first, h0:h1].reshape(b * first, h1 - h0, -1)
                 lse2 = kernel.forward(o_first, q_first, kp, vp, cu_q, first, scale, (-1, -1), cu_k=cu_k, max_k=n)
-                lse_merge(out.view(*rows, *out.shape[1:])[:, :first, h0:h1], lse.view(-1, *rows)[:, :, :first],
-                          o_first.view(b, first, h1 - h0, -1), lse2.view(-1, b, first))
+                # the first segments' rows of this block: out (B, F, h, D), lse (h, B, F) seen as (B, F, h)
+                o_rows = out.view(*rows, *out.shape[1:])[:, :first, h0:h1]
+                lse_rows = lse.view(-1, *rows)[:, :, :first].permute(1, 2, 0)
+                merged, merged_lse = merge_attention(o_rows, lse_rows, o_first.view(b, first, h1 - h0, -1),
+                                                     lse2.view(-1, b, first).permute(1, 2, 0))
+                o_rows.copy_(merged)
+                lse_rows.copy_(merged_lse)
             lses.append(lse)
         ctx.blocks, ctx.scale, ctx.window, ctx.kernel = blocks, scale, window, kernel
         ctx.prefix, ctx.rows, ctx.pre = prefix, rows, pre

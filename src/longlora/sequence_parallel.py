@@ -13,10 +13,10 @@ query's group holds before the chunk start") is computed from the global layout,
 
 Point-to-point ops of torch.distributed (gloo on CPU, NCCL on GPU) move those keys/values forward and their
 gradients back (`_fetch_halos`, `_return_halo_grads`). Two ways to attend:
-- regular batches (no padding, no packing) on CPU: the chunk is one S2 row whose first segment per head half
-  continues the halo; longlora.attention_cpu's Function takes the halo as a row prefix (`_ChunkPrefix`), fetching
-  it in its forward and returning its gradients in its backward: one output, no copies (per-rank memory = one
-  process's / N + the halo);
+- regular batches (no padding, no packing) on CPU, or on CUDA with torch's varlen kernels: the chunk is one S2 row
+  whose first segment per head half continues the halo; the kernels' autograd Function (longlora.attention_cpu,
+  longlora.attention_varlen) takes the halo as a row prefix (`_ChunkPrefix`), fetching it in its forward and
+  returning its gradients in its backward: one output, no copies (per-rank memory = one process's / N + the halo);
 - otherwise (padding, packed documents, GPU backends): `_HaloExchange` builds [halo ; chunk] key/value windows and
   `_chunk_attention` runs s2_attention over the segments (global document x group) the chunk's queries share: no
   (C, C) mask, memory linear in the window, but copies of the windows and of the halo's (dropped) query rows.
@@ -120,7 +120,8 @@ class ChunkPlan:
     group: object = None
     first_lengths: tuple[int, int] | None = None
     """Regular layouts (no padding, no packing): per half, the length of the chunk's first segment, the rest being
-    groups of G; with `chunk_layout` it lets the CPU kernels run the chunk as one S2 row with a prefix (the halo)."""
+    groups of G; with `chunk_layout` it lets the CPU/varlen kernels run the chunk as one S2 row with a prefix (the
+    halo)."""
     chunk_layout: TokenLayout | None = None
 
     def transfers(self, half: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
@@ -336,8 +337,9 @@ class _HaloExchange(torch.autograd.Function):
 
 
 class _ChunkPrefix:
-    """The halo as the CPU kernels' `RowPrefix` (longlora.attention_cpu): fetched inside the S2 Function's forward,
-    its gradients returned inside its backward, straight into the Function's own dk/dv (no [halo ; chunk] copies)."""
+    """The halo as the kernels' `RowPrefix` (longlora.attention_cpu, attention_varlen): fetched inside the S2
+    Function's forward, its gradients returned inside its backward, straight into the Function's own dk/dv (no
+    [halo ; chunk] copies)."""
 
     def __init__(self, plan: ChunkPlan, halves):
         self.plan, self.halves = plan, halves
@@ -537,8 +539,7 @@ def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=Non
     total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
                             ignore_index=-100, reduction="sum")
     count = shard["num_items"] if num_items is None else num_items
-    # in place (nll_loss's backward does not read its output): no new tensors after the logits' loss
-    return total.mul_(scale).div_(count if torch.is_tensor(count) else max(count, 1))
+    return total * scale / (count if torch.is_tensor(count) else max(count, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
