@@ -554,3 +554,30 @@ def test_sft_packing_collator_restarts_positions_and_masks_record_starts(tokeniz
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         sft_collator(no_pad, packing=False)
+
+
+def test_evaluation_text_and_documents_that_are_not_utf8_are_warned_about(tmp_path, caplog):
+    """eval perplexity's text files and `ask`'s material read invalid bytes as U+FFFD, with the same warning as
+    training text (file and count), not silently."""
+    from longlora.evaluate.perplexity import load_token_stream
+    from longlora.generate import read_material
+
+    latin1 = "Café au lait, crème brûlée, naïve façade. " * 10
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(latin1.encode("latin-1"))
+    expected = sum(b >= 0x80 for b in latin1.encode("latin-1"))
+
+    class ByteTokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": list(text.encode("utf-8"))}
+
+    for read in (lambda: read_material(path), lambda: load_token_stream(path, ByteTokenizer())):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="longlora.data.corpus"):
+            read()
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and str(path) in warnings[0], warnings
+        assert f"{expected} byte(s) are not valid UTF-8" in warnings[0]
+    assert read_material(path).count("\ufffd") == expected

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .data.corpus import decode_text
 from .prompts import CHAT_TEMPLATES, encode_prompt, render_conversation, user_message
 from .prompts import MATERIAL_PROMPT, TEMPLATES, build_prompt  # noqa: F401  (importable from here, as before)
 
@@ -60,7 +61,7 @@ def read_material(path: str | Path) -> str:
             raise ValueError(
                 f"{str(path)!r} looks like a binary file; pass the material as text (.txt, .md) or a .pdf"
             )
-        text = data.decode("utf-8", errors="replace")
+        text = decode_text(data, path)
     if not text.strip():
         raise ValueError(f"material file {str(path)!r} has no text")
     return text

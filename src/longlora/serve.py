@@ -219,7 +219,9 @@ def build_app(chat: DocumentChat, *, title: str = "longlora: ask a long document
         if path.stat().st_size > limits.max_upload_bytes:
             raise gr.Error(f"{path.name} is {path.stat().st_size:,} bytes, over this server's limit of "
                            f"{limits.max_upload_bytes:,}")
-        return path.read_bytes().decode("utf-8", errors="replace")
+        from longlora.data.corpus import decode_text
+
+        return decode_text(path.read_bytes(), path.name)
 
     def respond(document, question, truncate, max_new_tokens, temperature, top_p, state):
         document, question = document or "", (question or "").strip()

@@ -107,7 +107,10 @@ _ESCAPED = re.compile("[\udc80-\udcff]")
 
 def _undecodable_bytes(path: Path) -> int:
     """How many bytes of a text file are not valid UTF-8 (reading it replaces each with U+FFFD)."""
-    data = path.read_bytes()
+    return _count_undecodable(path.read_bytes())
+
+
+def _count_undecodable(data: bytes) -> int:
     try:
         data.decode("utf-8")
         return 0
@@ -116,11 +119,23 @@ def _undecodable_bytes(path: Path) -> int:
         return len(_ESCAPED.findall(data.decode("utf-8", errors="surrogateescape")))
 
 
+_UNDECODABLE = ("%s: %d byte(s) are not valid UTF-8 and were replaced with U+FFFD; if the file is in another "
+                "encoding, convert it first (iconv -f latin1 -t utf-8 ...)")
+
+
+def decode_text(data: bytes, source: str | os.PathLike) -> str:
+    """UTF-8 text of a file's bytes, each invalid byte replaced with U+FFFD and counted in a warning naming `source`
+    (evaluation text, documents to ask about: a stray byte should not stop the work, nor pass unseen)."""
+    n = _count_undecodable(data)
+    if n:
+        logger.warning(_UNDECODABLE, source, n)
+    return data.decode("utf-8", errors="replace")
+
+
 def _warn_undecodable(files: list[Path]) -> None:
     bad = [(f, n) for f in files if (n := _undecodable_bytes(f))]
     for f, n in bad[:5]:
-        logger.warning("%s: %d byte(s) are not valid UTF-8 and were replaced with U+FFFD; if the file is in another "
-                       "encoding, convert it first (iconv -f latin1 -t utf-8 ...)", f, n)
+        logger.warning(_UNDECODABLE, f, n)
     if len(bad) > 5:
         logger.warning("... and %d more file(s) with bytes that are not valid UTF-8 (%d bytes in all)",
                        len(bad) - 5, sum(n for _, n in bad[5:]))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.corpus import decode_text
 from ..io import atomic_path
 
 PROTOCOLS = ("window", "sliding")
@@ -93,7 +94,7 @@ def _texts_in_file(path: Path) -> Iterator[str]:
             else:
                 raise ValueError(f"{str(path)!r} record {i} is neither a string nor an object with a 'text' field")
     else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield decode_text(path.read_bytes(), path)
 
 
 def check_not_empty(data: str | os.PathLike) -> None:
