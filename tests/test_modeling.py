@@ -217,3 +217,23 @@ def test_stored_dtype_is_read_from_the_weights(base_dir, tmp_path):
     assert stored_dtype(resolve_checkpoint(base_dir)) == torch.float32
     LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert stored_dtype(resolve_checkpoint(tmp_path / "bf16")) == torch.bfloat16
+
+
+def test_adapter_config_module_lists_are_written_in_one_order(base_dir, tmp_path):
+    """PEFT writes target_modules from a set (its order changes with the process's hash seed): finalize_saved_files
+    sorts the module lists, so that two runs of the same training write the same adapter_config.json."""
+    from longlora.adapters import apply_lora_plus
+    from longlora.modeling import ADAPTER_CONFIG, finalize_saved_files
+
+    model, _ = load_model_and_tokenizer(base_dir, device="cpu")
+    apply_lora_plus(model).save_pretrained(tmp_path)
+    path = tmp_path / ADAPTER_CONFIG
+    saved = json.loads(path.read_text())
+    saved["target_modules"] = sorted(saved["target_modules"], reverse=True)  # as another hash seed may write it
+    path.write_text(json.dumps(saved))
+    finalize_saved_files(tmp_path)
+    final = json.loads(path.read_text())
+    assert len(final["target_modules"]) > 1 and final["target_modules"] == sorted(saved["target_modules"])
+    assert final["modules_to_save"] == sorted(saved["modules_to_save"])
+    assert {k: v for k, v in final.items() if k not in ("target_modules", "modules_to_save")} == {
+        k: v for k, v in saved.items() if k not in ("target_modules", "modules_to_save")}

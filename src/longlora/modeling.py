@@ -460,7 +460,8 @@ def finalize_saved_files(directory: str | os.PathLike) -> None:
     save_pretrained drops them), and no attention-implementation setting (an 's2_sdpa' there would need longlora
     imported to load). tokenizer_config.json: without the keys transformers 5 adds about how it was read
     (is_local, local_files_only), and with the tokenizer class transformers 4 knows for a tokenizer.json
-    (PreTrainedTokenizerFast; transformers 5 reads that name too).
+    (PreTrainedTokenizerFast; transformers 5 reads that name too). adapter_config.json: module lists sorted (PEFT
+    writes target_modules from a set, in an order that changes from process to process).
     """
     from longlora.io import update_json
     from longlora.rope import legacy_rope_fields
@@ -484,8 +485,16 @@ def finalize_saved_files(directory: str | os.PathLike) -> None:
             values["tokenizer_class"] = "PreTrainedTokenizerFast"
         return values
 
+    def adapter_update(values: dict) -> dict:
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(values.get(key), list):
+                values[key] = sorted(values[key])
+        return values
+
     if (directory / "config.json").is_file():
         update_json(directory / "config.json", config_update)
+    if (directory / ADAPTER_CONFIG).is_file():
+        update_json(directory / ADAPTER_CONFIG, adapter_update)
     if (directory / "tokenizer_config.json").is_file():
         update_json(directory / "tokenizer_config.json", tokenizer_update)
 
