@@ -90,6 +90,7 @@ def _matrix(ws: Path) -> list[tuple[str, list[str], str]]:
     ppl = ["eval", "perplexity", "--model", base, "--lengths", "32", "--output", str(ws / "ppl.json")]
     pk = ["eval", "passkey", "--model", base, "--lengths", "64", "--trials", "1", "--output", str(ws / "pk.json")]
     ask = ["ask", "--model", base, "--question", "what?", "--max-new-tokens", "2"]
+    chat = ["chat", "--model", base]
     return [
         # train: data
         ("train: data missing", tr(data=ws / "nope.txt"), r"no such file.*nope\.txt"),
@@ -178,6 +179,13 @@ def _matrix(ws: Path) -> list[tuple[str, list[str], str]]:
                                 "--question", "q"], r"nope_model"),
         ("ask: zero new tokens", ["ask", "--model", base, "--material", str(ws / "short.txt"), "--question", "q",
                                   "--max-new-tokens", "0"], r"max_new_tokens"),
+        # chat (questions come from stdin, after these checks)
+        ("chat: material missing", chat + ["--material", str(ws / "nope.txt")], r"nope\.txt"),
+        ("chat: material binary", chat + ["--material", str(ws / "binary.dat")], r"binary"),
+        ("chat: model missing", ["chat", "--model", str(ws / "nope_model"), "--material", str(ws / "short.txt")],
+         r"nope_model"),
+        ("chat: zero new tokens", chat + ["--material", str(ws / "short.txt"), "--max-new-tokens", "0"],
+         r"max_new_tokens"),
         # top level
         ("unknown command", ["trian"], r"invalid choice"),
     ]

@@ -209,13 +209,7 @@ def generate_answer(
 
     from longlora.modeling import max_context
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
+    check_generation_options(max_new_tokens, temperature, top_p)
     text = render_conversation(tokenizer, messages, template)
     input_ids = _encode(tokenizer, text, template)  # (1, T)
     message = context_warning(input_ids.shape[1], max_new_tokens, max_context(model))
@@ -320,6 +314,16 @@ def _load(model, adapter, rope_factor, dtype, device):
     return load_model_and_tokenizer(model, adapter, dtype=dtype, device=device, rope_factor=rope_factor)
 
 
+def check_generation_options(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """A ValueError naming the option for values generation cannot use (the commands check before loading)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def cmd_ask(
     model: str | None, adapter: str | None = None, material: str | None = None, question: str | None = None,
     max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, rope_factor: float | None = None,
@@ -330,6 +334,7 @@ def cmd_ask(
         raise ValueError("pass the material to ask about (--material FILE: .txt, .md or .pdf)")
     if not question or not question.strip():
         raise ValueError("pass a question (--question '...')")
+    check_generation_options(max_new_tokens, temperature, top_p)
     text = read_material(material)  # before the model loads: a bad path fails fast
     lm, tokenizer = _load(model, adapter, rope_factor, dtype, device)
     with warnings.catch_warnings():
@@ -368,6 +373,7 @@ def cmd_chat(
     """
     if material is None:
         raise ValueError("pass the material to talk about (--material FILE: .txt, .md or .pdf)")
+    check_generation_options(max_new_tokens, temperature, top_p)  # not at the first question, after the load
     text = read_material(material)
     lm, tokenizer = _load(model, adapter, rope_factor, dtype, device)
     stream_in = input if input is not None else sys.stdin
