@@ -101,9 +101,8 @@ def test_deepspeed_zero_with_sequence_parallel_equals_one_process(world, tmp_pat
 # ------------------------------------------------------------------------------------------------------------------
 # Trainer level: `longlora train --sequence-parallel 2 --deepspeed ...`
 
-_OPTIONS = dict(context_length=256, max_steps=2, save_steps=100, per_device_train_batch_size=1,
-                gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=0, logging_steps=1, seed=7,
-                max_blocks=2, packing="documents")
+_OPTIONS = dict(context_length=256, max_steps=2, save_steps=100, learning_rate=3e-3, warmup_steps=0, logging_steps=1,
+                seed=7, max_blocks=2, packing="documents")
 
 
 def _args(tmp_path, out, **extra) -> list[str]:
@@ -113,7 +112,7 @@ def _args(tmp_path, out, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    """One process, whole sequences, two micro-batches per step (documents packing: unequal token counts)."""
+    """One process, whole sequences, both blocks in every step's batch."""
     from longlora.config import TrainConfig, load_config
     from longlora.train import run_training
     from tiny_models import save_tiny_model, stdlib_corpus
@@ -121,24 +120,29 @@ def one_process_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compose_train")
     save_tiny_model(tmp_path / "base", "llama")
     stdlib_corpus(tmp_path / "corpus", n_files=2)
-    run_training(load_config(TrainConfig, _args(tmp_path, tmp_path / "one")))
+    run_training(load_config(TrainConfig, _args(tmp_path, tmp_path / "one", per_device_train_batch_size=2,
+                                                gradient_accumulation_steps=1)))
     return tmp_path
 
 
 @linux
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_process_run, stage, tmp_path):
+@pytest.mark.parametrize("stage,nproc", [(2, 2), (3, 2), (3, 4)])
+def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_process_run, stage, nproc, tmp_path):
+    """2 processes: one group, the two blocks as two accumulated micro-batches (DeepSpeed's own accumulation
+    scaling is off: the loss is over the step's token count). 4 processes: two groups, one block each."""
     from safetensors.torch import load_file
 
     base = one_process_run
     out = tmp_path / f"zero{stage}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "longlora.cli", "train"] + _args(base, out, sequence_parallel=2, ddp_backend="gloo",
-                                                  deepspeed=ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
+    groups = nproc // 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "longlora.cli", "train"] + _args(
+        base, out, sequence_parallel=2, ddp_backend="gloo", per_device_train_batch_size=1,
+        gradient_accumulation_steps=2 // groups, deepspeed=ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "sequence parallel: 1 group(s) of 2 ranks" in proc.stdout
+    assert f"sequence parallel: {groups} group(s) of 2 ranks" in proc.stdout
     assert (out / "checkpoint-2" / "global_step2").is_dir()  # the DeepSpeed engine's (ZeRO-partitioned) state
     a = load_file(base / "one" / "adapter_model.safetensors")
     b = load_file(out / "adapter_model.safetensors")
