@@ -135,11 +135,12 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         engine, optimizer, full, backward, step, zero_grad = wrap_deepspeed(model, world, {"zero2": 2,
                                                                                           "zero3": 3}[wrap])
 
+    module = engine if wrap == "fsdp2" else engine.module  # fully_shard keeps the model; the others wrap it
+
     def read(grad: bool) -> dict:
         if wrap == "fsdp1":
             got = full(grad)
             return {n.replace("_fsdp_wrapped_module.", ""): t for n, t in got.items()}
-        module = engine.module if wrap.startswith("zero") else engine  # DeepSpeed's engine prefixes "module."
         return {n: full(p, grad) for n, p in module.named_parameters() if p.requires_grad}
 
     losses, ref_losses, norms, grad_diff, max_grad = [], [], [], 0.0, 0.0
@@ -150,7 +151,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         ref_loss = ref(**full_batch, use_cache=False).loss
         ref_loss.backward()
 
-        shard = shard_batch(batches[index], engine.module if hasattr(engine, "module") else engine)
+        shard = shard_batch(batches[index], module)
         n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # every group's scored tokens
         # each rank's share of the whole step's mean token loss, x world: the wrapper averages over all ranks
         loss = sequence_parallel_loss(engine, shard, scale=world, num_items=n_items)

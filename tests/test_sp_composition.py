@@ -112,16 +112,16 @@ def _args(tmp_path, out, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    """One process, whole sequences, both blocks in every step's batch."""
-    from longlora.config import TrainConfig, load_config
-    from longlora.train import run_training
+    """One process, whole sequences, both blocks in every step's batch (on CPU, as the sharded runs)."""
     from tiny_models import save_tiny_model, stdlib_corpus
 
     tmp_path = tmp_path_factory.mktemp("compose_train")
     save_tiny_model(tmp_path / "base", "llama")
     stdlib_corpus(tmp_path / "corpus", n_files=2)
-    run_training(load_config(TrainConfig, _args(tmp_path, tmp_path / "one", per_device_train_batch_size=2,
-                                                gradient_accumulation_steps=1)))
+    cmd = [sys.executable, "-m", "longlora.cli", "train"] + _args(
+        tmp_path, tmp_path / "one", per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp_path
 
 
