@@ -127,21 +127,35 @@ def one_process_run(tmp_path_factory):
 
 @linux
 @needs_deepspeed
-@pytest.mark.parametrize("stage,nproc", [(2, 2), (3, 2), (3, 4)])
-def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_process_run, stage, nproc, tmp_path):
+@pytest.mark.parametrize("stage,nproc,resume", [(2, 2, False), (3, 2, True), (3, 4, False)])
+def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_process_run, stage, nproc, resume,
+                                                                          tmp_path):
     """2 processes: one group, the two blocks as two accumulated micro-batches (DeepSpeed's own accumulation
-    scaling is off: the loss is over the step's token count). 4 processes: two groups, one block each."""
+    scaling is off: the loss is over the step's token count); with ZeRO-3, one step, then `--resume auto` from its
+    checkpoint (the partitioned optimizer state) for the second. 4 processes: two groups, one block each."""
     from safetensors.torch import load_file
+
+    from longlora.train import COMPLETE
 
     base = one_process_run
     out = tmp_path / f"zero{stage}"
     groups = nproc // 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "-m", "longlora.cli", "train"] + _args(
-        base, out, sequence_parallel=2, ddp_backend="gloo", per_device_train_batch_size=1,
-        gradient_accumulation_steps=2 // groups, deepspeed=ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def launch(**extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), "-m", "longlora.cli", "train"] + _args(
+            base, out, sequence_parallel=2, ddp_backend="gloo", per_device_train_batch_size=1,
+            gradient_accumulation_steps=2 // groups, deepspeed=ROOT / "configs" / "deepspeed" / f"zero{stage}.json",
+            **extra)
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    if resume:
+        launch(max_steps=1, save_steps=1)
+        assert (out / "checkpoint-1" / "global_step1").is_dir() and (out / "checkpoint-1" / COMPLETE).exists()
+    proc = launch(**({"resume": "auto"} if resume else {}))
+    assert "starting from scratch" not in proc.stdout  # a resumed run continues from checkpoint-1
     assert f"sequence parallel: {groups} group(s) of 2 ranks" in proc.stdout
     assert (out / "checkpoint-2" / "global_step2").is_dir()  # the DeepSpeed engine's (ZeRO-partitioned) state
     a = load_file(base / "one" / "adapter_model.safetensors")
