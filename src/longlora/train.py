@@ -440,6 +440,18 @@ def training_arguments(config: TrainConfig):
     )
 
 
+def _attach_deepspeed_comm(args) -> None:
+    """DeepSpeed's communication layer over the process group accelerate made (a CPU launch: accelerate starts
+    torch.distributed itself and leaves deepspeed.comm uninitialised, so ZeRO-3's from_pretrained sees 1 rank)."""
+    import torch.distributed as dist
+
+    if args.deepspeed and dist.is_available() and dist.is_initialized():
+        import deepspeed.comm
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.comm.init_distributed(dist_backend=dist.get_backend())
+
+
 def run_training(config: TrainConfig, build_data: Callable | None = None, callbacks: list | None = None) -> TrainResult:
     """The whole run. `build_data(config, tokenizer) -> (train_dataset, collator)` differs between train and sft;
     `callbacks` are extra transformers TrainerCallbacks."""
@@ -470,6 +482,7 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
           f"attention {config.attention}, group size {config.group_size()} in training", flush=True)
 
     set_seed(config.seed)
+    _attach_deepspeed_comm(args)
     model = load_training_model(config, model_config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
