@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import torchrun
 from longlora.sequence_parallel import aligned_length, check_sequence_parallel, plan_chunks, valid_world_sizes
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expected_halo(rank: int, chunk: int, group: int) -> tuple[int, int]:
@@ -91,11 +85,7 @@ def test_invalid_world_size_names_the_valid_ones():
 
 def _launch(world: int, cases: list[dict], tmp_path) -> list[dict]:
     out = tmp_path / f"sp{world}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), str(HERE / "sp_worker.py"), str(out), json.dumps(cases)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(world, [HERE / "sp_worker.py", out, json.dumps(cases)])
     return json.loads(out.read_text())
 
 
@@ -182,12 +172,8 @@ def test_train_with_sequence_parallel_gives_the_same_adapter(tmp_path, nproc):
                 for x in (f"--{k.replace('_', '-')}", str(v))]
 
     run_training(load_config(TrainConfig, args(tmp_path / "one", per_device_train_batch_size=groups)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()),
-           "-m", "longlora.cli", "train"] + args(tmp_path / "two", sequence_parallel=2, ddp_backend="gloo")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(nproc, ["-m", "longlora.cli", "train"] + args(tmp_path / "two", sequence_parallel=2,
+                                                                  ddp_backend="gloo"))
     assert f"sequence parallel: {groups} group(s) of 2 ranks" in proc.stdout
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
@@ -264,12 +250,7 @@ def test_sft_with_sequence_parallel_and_accumulation_gives_the_same_adapter(tmp_
                 for x in (f"--{k.replace('_', '-')}", str(v))]
 
     run_training(load_config(SFTConfig, args(tmp_path / "one")), build_data=build_sft_data)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "longlora.cli", "sft"] + args(tmp_path / "two", sequence_parallel=2,
-                                                                  ddp_backend="gloo")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(2, ["-m", "longlora.cli", "sft"] + args(tmp_path / "two", sequence_parallel=2, ddp_backend="gloo"))
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
     for key in a:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_sequence_parallel import _free_port
+from launch import cpu_env, torchrun
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -31,16 +30,12 @@ linux = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo o
 
 def _env() -> dict:
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator even where a GPU is visible (these runs are gloo, CPU tensors)
-    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
-                PYTHONPATH=os.pathsep.join(sys.path))
+    return cpu_env(DS_ACCELERATOR="cpu")
 
 
 def _launch(world: int, cases: list[dict], tmp_path) -> list[dict]:
     out = tmp_path / f"compose{world}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), str(HERE / "sp_compose_worker.py"), str(out), json.dumps(cases)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(world, [HERE / "sp_compose_worker.py", out, json.dumps(cases)], env=_env())
     return json.loads(out.read_text())
 
 
@@ -142,14 +137,10 @@ def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_p
     groups = nproc // 2
 
     def launch(**extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "longlora.cli", "train"] + _args(
+        return torchrun(nproc, ["-m", "longlora.cli", "train"] + _args(
             base, out, sequence_parallel=2, ddp_backend="gloo", per_device_train_batch_size=1,
             gradient_accumulation_steps=2 // groups, deepspeed=ROOT / "configs" / "deepspeed" / f"zero{stage}.json",
-            **extra)
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc
+            **extra), env=_env())
 
     if resume:
         launch(max_steps=1, save_steps=1)

@@ -2,8 +2,6 @@
 rope factor, resume equals an uninterrupted run, options, and clear errors before any heavy work."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +14,7 @@ import longlora.integration
 from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
 from longlora.train import COMPLETE, RUN_CONFIG, cmd_train, latest_complete_checkpoint, run_training
+from launch import torchrun
 from tiny_models import save_tiny_model, stdlib_corpus
 
 FAST = dict(context_length=256, max_steps=4, save_steps=2, per_device_train_batch_size=2,
@@ -215,12 +214,8 @@ def test_two_process_data_parallel_matches_one_process_with_doubled_batch(worksp
     run_training(config_one)
     two = tmp_path / "two"
     # CPU ranks with gloo even where CUDA exists (two ranks on one GPU break gloo: "Connection closed by peer")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "longlora.cli", "train"] + train_args(
-        workspace, two, per_device_train_batch_size=1, ddp_backend="gloo", **common)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(2, ["-m", "longlora.cli", "train"] + train_args(
+        workspace, two, per_device_train_batch_size=1, ddp_backend="gloo", **common), timeout=600)
     a = load_file(one / "adapter_model.safetensors")
     b = load_file(two / "adapter_model.safetensors")
     for key in a:
