@@ -145,3 +145,38 @@ class SlicePrefix:
         self.given = [(gk.clone(), gv.clone()) for gk, gv in grads]
         dk += 1.0  # what the ranks the row's keys were sent to would add: must reach the returned gradient
         dv -= 1.0
+
+
+# (query heads, key/value heads, sequence length, group size, row start, row length)
+ROW_PREFIX_CASES = [
+    (4, 2, 64, 16, 24, 32),  # plain half straddles (8 before), shifted half starts at the cut
+    (4, 2, 64, 32, 32, 32),  # shifted straddles (16 before); its local part is two equal half-groups
+    (6, 2, 96, 32, 48, 16),  # a row shorter than a group: the whole row is one segment of each half
+    (4, 4, 96, 16, 40, 48),  # MHA, both halves straddle
+    (9, 3, 96, 16, 40, 48),  # a key/value head shared by a plain and a shifted block
+]
+
+
+def check_row_prefix(attend, q, k, v, group, start, chunk, atol=1e-10):
+    """attend(q, k, v, prefix) on tokens [start, start + chunk) of q/k/v (B, H, T, D) with a SlicePrefix = S2 over
+    the whole sequence at those rows: outputs, gradients of the row's q/k/v and of the prefix keys/values, and what
+    give_back adds. Returns the prefix."""
+    hq = q.shape[1]
+    rows = slice(start, start + chunk)
+    ref = reference_attention(q, k, v, reference_mask(q.shape[2], hq, group, batch=q.shape[0]))[:, :, rows]
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
+    prefix = SlicePrefix(k, v, start, chunk, group, hq)
+    out = attend(ql, kl, vl, prefix)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad_out)
+    torch.testing.assert_close(dq, ref_grads[0][:, :, rows], atol=atol, rtol=0)
+    torch.testing.assert_close(dk - 1.0, ref_grads[1][:, :, rows], atol=atol, rtol=0)  # give_back's +1 / -1
+    torch.testing.assert_close(dv + 1.0, ref_grads[2][:, :, rows], atol=atol, rtol=0)
+    assert any(s < start for s in prefix.starts)  # every case has a prefix somewhere
+    for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
+        assert gk.shape[2] == start - s
+        torch.testing.assert_close(gk, ref_grads[1][:, a:z, s:start], atol=atol, rtol=0)
+        torch.testing.assert_close(gv, ref_grads[2][:, a:z, s:start], atol=atol, rtol=0)
+    return prefix

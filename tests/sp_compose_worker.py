@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sp_worker import build, make_batch  # noqa: E402
+from sp_worker import build, make_batch, run_cases  # noqa: E402
 
 from longlora.adapters import base_model  # noqa: E402
 from longlora.integration import enable_s2_attention  # noqa: E402
@@ -185,29 +185,14 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
 
 def main():
-    out_path, cases = sys.argv[1], json.loads(sys.argv[2])
+    cases = json.loads(sys.argv[2])
     if any(c["wrap"].startswith("zero") for c in cases):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = []
-    for case in cases:
-        try:
-            results.append(run_case(case, rank, world))
-        except Exception as err:  # noqa: BLE001 - reported per case, the test names it
-            import traceback
-
-            traceback.print_exc()
-            results.append({"case": case, "error": f"{type(err).__name__}: {err}"})
-            break  # a failed collective leaves the ranks out of step
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    run_cases(run_case, sys.argv[1], cases)
 
 
 if __name__ == "__main__":

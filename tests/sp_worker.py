@@ -117,17 +117,31 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     }
 
 
-def main():
-    out_path, cases = sys.argv[1], json.loads(sys.argv[2])
-    dist.init_process_group("gloo")
+def run_cases(run, out_path: str, cases: list[dict]) -> None:
+    """Run every case on every rank (torch.distributed initialised); rank 0 writes the results. A case that raises
+    is reported in its row and ends the launch (a failed collective leaves the ranks out of step)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    results = [run_case(c, rank, world) for c in cases]
+    results = []
+    for case in cases:
+        try:
+            results.append(run(case, rank, world))
+        except Exception as err:  # noqa: BLE001 - reported per case, the test names it
+            import traceback
+
+            traceback.print_exc()
+            results.append({"case": case, "error": f"{type(err).__name__}: {err}"})
+            break
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def main():
+    dist.init_process_group("gloo")
+    run_cases(run_case, sys.argv[1], json.loads(sys.argv[2]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 
 from longlora.attention import (flash_available, get_backend, resolve_backend, s2_attention, s2_dense_mask,
                                 set_backend, token_layout, use_backend)
-from s2_reference import SlicePrefix, reference_attention, reference_mask
+from s2_reference import ROW_PREFIX_CASES, check_row_prefix, reference_attention, reference_mask
 
 
 def rand_qkv(b, hq, hk, length, d=8, dtype=torch.float64, seed=0):
@@ -414,33 +414,11 @@ def test_lazy_calibration_runs_outside_the_callers_saved_tensor_hooks(monkeypatc
     assert packed and attention_cpu._CALIBRATION == [expected]
 
 
-@pytest.mark.parametrize("hq,hk,length,group,start,chunk", [
-    (4, 2, 64, 16, 24, 32),  # plain half straddles (8 before), shifted half starts at the cut
-    (4, 2, 64, 32, 32, 32),  # shifted straddles (16 before); its local part is two equal half-groups
-    (6, 2, 96, 32, 48, 16),  # a row shorter than a group: the whole row is one segment of each half
-    (4, 4, 96, 16, 40, 48),  # MHA, both halves straddle
-    (9, 3, 96, 16, 40, 48),  # a key/value head shared by a plain and a shifted block
-])
+@pytest.mark.parametrize("hq,hk,length,group,start,chunk", ROW_PREFIX_CASES)
 def test_cpu_row_prefix_equals_the_longer_sequence(hq, hk, length, group, start, chunk):
-    """s2_cpu_flash(prefix=...) on a cut of a sequence = S2 over the whole sequence at the cut's rows: outputs,
-    gradients of the row's q/k/v and of the prefix keys/values, and what give_back adds."""
+    """s2_cpu_flash(prefix=...) (sequence parallelism on CPU) on a cut of a sequence = S2 over the whole sequence at
+    the cut's rows (s2_reference.check_row_prefix)."""
     from longlora.attention_cpu import s2_cpu_flash
 
-    q, k, v = rand_qkv(2, hq, hk, length)
-    rows = slice(start, start + chunk)
-    ref = reference_attention(q, k, v, reference_mask(length, hq, group, batch=2))[:, :, rows]
-    grad_out = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
-    prefix = SlicePrefix(k, v, start, chunk, group, hq)
-    out = s2_cpu_flash(ql, kl, vl, group, hq // 2, None, prefix=prefix)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad_out)
-    torch.testing.assert_close(dq, ref_grads[0][:, :, rows], atol=1e-10, rtol=0)
-    torch.testing.assert_close(dk - 1.0, ref_grads[1][:, :, rows], atol=1e-10, rtol=0)
-    torch.testing.assert_close(dv + 1.0, ref_grads[2][:, :, rows], atol=1e-10, rtol=0)
-    assert any(s < start for s in prefix.starts)  # every case has a prefix somewhere
-    for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
-        assert gk.shape[2] == start - s
-        torch.testing.assert_close(gk, ref_grads[1][:, a:z, s:start], atol=1e-10, rtol=0)
-        torch.testing.assert_close(gv, ref_grads[2][:, a:z, s:start], atol=1e-10, rtol=0)
+    check_row_prefix(lambda q, k, v, prefix: s2_cpu_flash(q, k, v, group, hq // 2, None, prefix=prefix),
+                     *rand_qkv(2, hq, hk, length), group, start, chunk)

@@ -16,7 +16,8 @@ import torch
 
 from longlora import attention_varlen
 from longlora.attention import s2_attention, token_layout, use_backend
-from s2_reference import ReferenceKernel, SlicePrefix, reference_attention, reference_mask, segment_attention
+from s2_reference import (ROW_PREFIX_CASES, ReferenceKernel, SlicePrefix, check_row_prefix, reference_attention,
+                          reference_mask, segment_attention)
 
 
 @pytest.fixture
@@ -332,33 +333,15 @@ def test_layer_integration_has_no_host_device_sync_in_the_regular_layout():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("hq,hk,length,group,start,chunk", [
-    (4, 2, 64, 16, 24, 32),  # plain half straddles (8 before), shifted half starts at the cut
-    (4, 2, 64, 32, 32, 32),  # shifted straddles (16 before); its local part is two equal half-groups
-    (6, 2, 96, 32, 48, 16),  # a row shorter than a group
-    (9, 3, 96, 16, 40, 48),  # a key/value head shared by a plain and a shifted block, both halves straddle
-])
+@pytest.mark.parametrize("hq,hk,length,group,start,chunk", ROW_PREFIX_CASES)
 def test_row_prefix_equals_the_longer_sequence(kernel, hq, hk, length, group, start, chunk):
     """s2_varlen(prefix=...) (sequence parallelism on CUDA) on a cut of a sequence = S2 over the whole sequence at the
-    cut's rows: outputs, gradients of the row's q/k/v and of the prefix keys/values, and what give_back adds; the
-    prefix calls are unmasked with their own key cu_seqlens."""
-    q, k, v = rand_qkv(2, hq, hk, length)
-    rows = slice(start, start + chunk)
-    ref = reference_attention(q, k, v, reference_mask(length, hq, group, batch=2))[:, :, rows]
-    grad_out = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    ql, kl, vl = (x[:, :, rows].detach().clone().requires_grad_() for x in (q, k, v))
-    prefix = SlicePrefix(k, v, start, chunk, group, hq)
-    out = attention_varlen.s2_varlen(ql, kl, vl, token_layout(2, chunk, ql.device), group, hq // 2, None, None,
-                                     prefix=prefix)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), grad_out)
-    torch.testing.assert_close(dq, ref_grads[0][:, :, rows], atol=1e-10, rtol=0)
-    torch.testing.assert_close(dk - 1.0, ref_grads[1][:, :, rows], atol=1e-10, rtol=0)
-    torch.testing.assert_close(dv + 1.0, ref_grads[2][:, :, rows], atol=1e-10, rtol=0)
-    for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
-        torch.testing.assert_close(gk, ref_grads[1][:, a:z, s:start], atol=1e-10, rtol=0)
-        torch.testing.assert_close(gv, ref_grads[2][:, a:z, s:start], atol=1e-10, rtol=0)
+    cut's rows (s2_reference.check_row_prefix); the prefix calls are unmasked, with their own key cu_seqlens."""
+    def attend(q, k, v, prefix):
+        return attention_varlen.s2_varlen(q, k, v, token_layout(2, chunk, q.device), group, hq // 2, None, None,
+                                          prefix=prefix)
+
+    check_row_prefix(attend, *rand_qkv(2, hq, hk, length), group, start, chunk)
     cross = [c for c in kernel.forward_calls if c["window"] == (-1, -1)]
     assert cross and all(c["cu_k"] is not None for c in cross)
 

@@ -112,9 +112,12 @@ def _cases(halo_groups, span_groups):
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
 @pytest.mark.parametrize("world,halo_groups,span_groups", [(2, [16, 32], [64]), (4, [8, 16], [32, 64])])
 def test_sharded_loss_and_gradients_equal_one_process(world, halo_groups, span_groups, tmp_path):
-    results = _launch(world, _cases(halo_groups, span_groups), tmp_path)
+    cases = _cases(halo_groups, span_groups)
+    results = _launch(world, cases, tmp_path)
+    assert [r["case"] for r in results] == cases  # every case ran (a failing case ends the launch)
     for r in results:
         case = r["case"]
+        assert "error" not in r, r
         assert r["zero_ref_grads"] == [], case  # every trainable parameter is exercised
         assert r["n_trainable"] > 10
         assert r["loss_diff"] <= 2e-6 * max(1.0, r["ref_loss"]), case
