@@ -32,7 +32,7 @@ KILL_ENV = "LONGLORA_TEST_KILL"
 """Test hook (see `_kill_point`): the moment at which a test wants this process SIGKILLed."""
 # Files of a checkpoint that only resuming needs; the rest of it (weights, tokenizer, configs) is the final output.
 _RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng_state", "trainer_state.json", "global_step", "latest",
-                "zero_to_fp32.py", "pytorch_model_fsdp", COMPLETE)
+                "zero_to_fp32.py", "zero_to_torch.py", "pytorch_model_fsdp", COMPLETE)
 
 
 @dataclass
