@@ -65,14 +65,14 @@ def build(arch: str, seed: int, overrides: dict):
 def run_case(case: dict, rank: int, world: int) -> dict:
     model = build(case["arch"], case.get("seed", 0), case.get("config", {}))
     ref = copy.deepcopy(model)
-    enable_s2_attention(ref, group_size=case["group_size"])
+    enable_s2_attention(ref, group_size=case["group_size"], shift=case.get("shift", True))
     gen = torch.Generator().manual_seed(100 + case.get("seed", 0))
     batch = make_batch(case["layout"], case["length"], gen)
 
     ref_loss = ref(**batch, use_cache=False).loss
     ref_loss.backward()
 
-    enable_sequence_parallel(model, group_size=case["group_size"])
+    enable_sequence_parallel(model, group_size=case["group_size"], shift=case.get("shift", True))
     shard = shard_batch(batch, model)
     # path: "auto" (CPU: the kernels' row prefix on regular batches), "sdpa" (the general [halo ; chunk] path for
     # any batch) or "varlen" (the CUDA path's code, its kernel replaced by the per-segment reference)

@@ -106,6 +106,9 @@ def _cases(halo_groups, span_groups):
               for path in ("sdpa", "varlen") for g in halo_groups + span_groups]
     cases.append({"arch": "llama", "layout": "plain", "length": 64, "group_size": halo_groups[0], "path": "varlen",
                   "config": {"num_key_value_heads": 1}})
+    # the no-shift ablation ("short" attention): every head plain
+    cases += [{"arch": "llama", "layout": layout, "length": 64, "group_size": span_groups[0], "shift": False}
+              for layout in ("plain", "packed")]
     return cases
 
 
@@ -129,7 +132,10 @@ def test_sharded_loss_and_gradients_equal_one_process(world, halo_groups, span_g
         assert r["prefix_fetches"] == [2 if prefix_path else 0] * world, case
         if case.get("path") == "varlen":  # a kernel call over the halo in each layer of every rank that has one
             assert [c > 0 for c in r["prefix_calls"]] == [max(h) > 0 for h in r["halo"]], case
-        if case["layout"] == "plain" and case["length"] == 64:
+        if not case.get("shift", True):
+            if case["layout"] == "plain":  # no shifted groups: both halves' halo is the plain one
+                assert [tuple(h) for h in r["halo"]] == [(s * chunk % g,) * 2 for s in range(world)]
+        elif case["layout"] == "plain" and case["length"] == 64:
             assert [tuple(h) for h in r["halo"]] == [_expected_halo(s, chunk, g) for s in range(world)]
             # bytes the exchange sent, counted in its send calls: per layer the K and V of every halo token of the
             # half's key/value heads, fp32; the backward sends the same amount back
