@@ -12,9 +12,9 @@
    - Ulysses: all-to-all of q, k, v before attention and of the output after, each rank keeping 1/N of what it
      holds; the backward moves the same amount of gradients.
 2. Time and memory. torchrun launches (gloo, CPU, one thread per rank) of a training step (forward + backward,
-   LoRA+) of a small Llama at N = 1 (single-process S2), 2 and 4 ranks, on a regular batch (one document: the CPU
-   kernels take the halo as a prefix) and a packed one (three documents crossing the chunk boundaries: the general
-   path over [halo ; chunk] windows): median step time and the per-rank peak of
+   LoRA+) of a small Llama at N = 1 (single-process S2), 2 and 4 ranks, on a regular batch (one document) and a
+   packed one (three documents crossing the chunk boundaries; one process then takes S2's padded-bucket path, a
+   rank the CPU kernels' per-segment prefix path): median step time and the per-rank peak of
    bytes held by tensors allocated in the step (parameters and the batch are not; the gradient buffers exist
    before it), beside the goal (the single-process peak / N plus the halo the rank holds: received keys and
    values, kept for the backward), plus the bytes counted from the real gloo calls.

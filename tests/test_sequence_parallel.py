@@ -104,6 +104,8 @@ def _cases(halo_groups, span_groups):
     # regular batches through the general path, and through the CUDA path's code (reference kernel)
     cases += [{"arch": "llama", "layout": "plain", "length": 64, "group_size": g, "path": path}
               for path in ("sdpa", "varlen") for g in halo_groups + span_groups]
+    cases += [{"arch": "qwen2", "layout": layout, "length": 64, "group_size": g, "path": "sdpa"}
+              for layout in ("padding", "packed") for g in (halo_groups[0], span_groups[0])]
     cases.append({"arch": "llama", "layout": "plain", "length": 64, "group_size": halo_groups[0], "path": "varlen",
                   "config": {"num_key_value_heads": 1}})
     # the no-shift ablation ("short" attention): every head plain
@@ -126,9 +128,10 @@ def test_sharded_loss_and_gradients_equal_one_process(world, halo_groups, span_g
         assert r["loss_diff"] <= 2e-6 * max(1.0, r["ref_loss"]), case
         assert r["max_grad_diff"] <= 1e-6 * max(1.0, r["max_grad"]), (case, r["max_grad_diff"])
         chunk, g = r["chunk"], case["group_size"]
-        # regular batches on CPU and on the varlen path take the row prefix in every layer (2) of every rank; the
-        # general path and padded/packed batches never do
-        prefix_path = case["layout"] == "plain" and case.get("path", "auto") != "sdpa"
+        # on CPU every batch takes the row prefix in every layer (2) of every rank, on the varlen path regular
+        # batches do; the general path never does
+        path = case.get("path", "auto")
+        prefix_path = path == "auto" or (path == "varlen" and case["layout"] == "plain")
         assert r["prefix_fetches"] == [2 if prefix_path else 0] * world, case
         if case.get("path") == "varlen":  # a kernel call over the halo in each layer of every rank that has one
             assert [c > 0 for c in r["prefix_calls"]] == [max(h) > 0 for h in r["halo"]], case

@@ -94,11 +94,14 @@ def _backward_calls(count: int, hq: int, hkv: int, threads: int) -> list[tuple[s
 
 
 class RowPrefix(Protocol):
-    """Keys/values that come before every row of a regular S2 call, inside each row's first segment.
+    """Keys/values that come before every row of an S2 call, inside each row's first segment.
 
     Sequence parallelism (longlora.sequence_parallel) passes one: a rank's chunk is a row whose first group began on
     earlier ranks. Per half of the heads (0 plain, 1 shifted):
     - first_lengths[h]: the length of each row's first segment; the rest of the row is cut into groups of G after it;
+    - segments (optional; padding or packed documents): segments[h][row] lists the row's segments of real tokens as
+      (start, length), replacing first_lengths, and prefix_lengths[h][row] how many of the fetched prefix tokens
+      (the last ones) the row's first segment continues (0: none; other rows may need more);
     - kv_start[h]: the first key/value head of the prefix fetched for the half;
     - fetch(key, value) -> per half (key, value), each (B, key/value heads of the half, n, D), n >= 0: the keys that
       every query of a row's first segment sees before the row's own (called in the forward);
@@ -108,6 +111,8 @@ class RowPrefix(Protocol):
 
     first_lengths: tuple[int, int]
     kv_start: tuple[int, int]
+    segments: tuple[list[list[tuple[int, int]]], ...] | None
+    prefix_lengths: tuple[list[int], ...] | None
 
     def fetch(self, key: torch.Tensor, value: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -128,7 +133,8 @@ class _S2FlashCPU(torch.autograd.Function):
 
     With a `RowPrefix`, each row's first segment also attends to the prefix keys: a second (unmasked: every prefix
     key precedes every row) kernel call merged with the first through their logsumexps, and one more key tile in
-    the backward.
+    the backward. A prefix may also list each row's segments (padding, packed documents): one call per segment, and
+    padded rows give 0.
     """
 
     @staticmethod
@@ -138,30 +144,37 @@ class _S2FlashCPU(torch.autograd.Function):
         b, hq, length, d = query.shape
         # output stored tokens-first like SDPA's, returned as a (B, Hq, L, D) view
         out = query.new_empty(b, length, hq, d).transpose(1, 2)
+        segments = getattr(prefix, "segments", None)  # per half, per row: (start, length) of its real segments
+        if segments is not None:
+            out.zero_()  # padded rows give 0: no segment writes them
         before = prefix.fetch(key, value) if prefix is not None else []  # per half (k, v) (B, Hkv_half, n, D)
         plan, lses = [], []
         for bi in range(b):
             for h0, h1, kv0, kv1, shift in head_blocks(hq, key.shape[1], n_plain, group_size):
-                pre = None  # (half, first and last+1 key/value head inside the half's prefix)
+                pre, batches = None, None  # pre: (half, the block's key/value heads and first token in the prefix)
                 if prefix is not None:
                     half = int(h0 >= n_plain)
+                    n = n_row = before[half][0].shape[2]
+                    if segments is not None:
+                        batches = [(start, n_seg, 1, n_seg) for start, n_seg in segments[half][bi]]
+                        n_row = prefix.prefix_lengths[half][bi]
                     shift = prefix.first_lengths[half] % group_size
-                    if before[half][0].shape[2]:
-                        pre = (half, kv0 - prefix.kv_start[half], kv1 - prefix.kv_start[half])
-                for batch in _batches(length, group_size, shift, first_alone=pre is not None):
+                    if n_row:
+                        pre = (half, kv0 - prefix.kv_start[half], kv1 - prefix.kv_start[half], n - n_row)
+                for batch in batches or _batches(length, group_size, shift, first_alone=pre is not None):
                     q, k, v = (_pieces(x, bi, a, z, *batch) for x, a, z in
                                ((query, h0, h1), (key, kv0, kv1), (value, kv0, kv1)))  # (count, H, seg, D)
                     piece, lse = flash_fwd(q, k, v, 0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
                     on_prefix = pre if batch[0] == 0 else None
                     if on_prefix is not None:
-                        kp, vp = (x[bi:bi + 1, pre[1]:pre[2]] for x in before[pre[0]])  # (1, Hkv, n, D)
+                        kp, vp = (x[bi:bi + 1, pre[1]:pre[2], pre[3]:] for x in before[pre[0]])  # (1, Hkv, n, D)
                         piece, lse = merge_attention(piece, lse, *flash_fwd(q, kp, vp, 0.0, False, scale=scale))
                     _pieces(out, bi, h0, h1, *batch).copy_(piece)
                     del piece  # one piece's output alive at a time
                     plan.append((bi, h0, h1, kv0, kv1, batch, on_prefix))
                     lses.append(lse)
         ctx.plan, ctx.scale, ctx.output_reused, ctx.private_count = plan, scale, False, private_count
-        ctx.prefix = prefix
+        ctx.prefix, ctx.padded = prefix, segments is not None
         ctx.save_for_backward(query, key, value, out, *lses, *(t for pair in before for t in pair))
         return out
 
@@ -182,7 +195,8 @@ class _S2FlashCPU(torch.autograd.Function):
         if isinstance(ctx.private_count, list):  # calibration run: record the count, reuse nothing
             ctx.private_count.append(_storage_use_count(out))
         ctx.output_reused = out.stride() == query.stride() and _output_is_private(out, ctx.private_count)
-        dq = out if ctx.output_reused else torch.empty_like(query)
+        # (padded rows: out holds zeros there, and no piece writes them)
+        dq = out if ctx.output_reused else (torch.zeros_like if ctx.padded else torch.empty_like)(query)
         # same strides as the inputs, so that autograd hands them over without a copy
         dk, dv = torch.zeros_like(key), torch.zeros_like(value)
         d_before = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in before]
@@ -199,8 +213,8 @@ class _S2FlashCPU(torch.autograd.Function):
                     tiles = [(k, v, gk, gv, slice(j0, min(j0 + tile, seg_len)), j0 == i0)
                              for j0 in range(0, i0 + 1, tile)]
                     if pre is not None:
-                        tiles.append(tuple(x[bi:bi + 1, pre[1]:pre[2]] for x in before[pre[0]] + d_before[pre[0]])
-                                     + (slice(None), False))
+                        tiles.append(tuple(x[bi:bi + 1, pre[1]:pre[2], pre[3]:]
+                                           for x in before[pre[0]] + d_before[pre[0]]) + (slice(None), False))
                     row_dq = None
                     for ks, vs, gks, gvs, cols, causal in tiles:
                         # rep > 1: one key/value head seen as `rep` query heads (stride 0, no copy)

@@ -13,13 +13,14 @@ query's group holds before the chunk start") is computed from the global layout,
 
 Point-to-point ops of torch.distributed (gloo on CPU, NCCL on GPU) move those keys/values forward and their
 gradients back (`_fetch_halos`, `_return_halo_grads`). Two ways to attend:
-- regular batches (no padding, no packing) on CPU, or on CUDA with torch's varlen kernels: the chunk is one S2 row
-  whose first segment per head half continues the halo; the kernels' autograd Function (longlora.attention_cpu,
-  longlora.attention_varlen) takes the halo as a row prefix (`_ChunkPrefix`), fetching it in its forward and
-  returning its gradients in its backward: one output, no copies (per-rank memory = one process's / N + the halo);
-- otherwise (padding, packed documents, GPU backends): `_HaloExchange` builds [halo ; chunk] key/value windows and
-  `_chunk_attention` runs s2_attention over the segments (global document x group) the chunk's queries share: no
-  (C, C) mask, memory linear in the window, but copies of the windows and of the halo's (dropped) query rows.
+- on CPU (any batch: regular, padded, packed) and on CUDA with torch's varlen kernels (regular batches): each row
+  of the chunk is an S2 row whose first segment per head half continues the halo; the kernels' autograd Function
+  (longlora.attention_cpu, longlora.attention_varlen) takes the halo as a row prefix (`_ChunkPrefix`), fetching it
+  in its forward and returning its gradients in its backward: one output, no copies (per-rank memory = one
+  process's / N + the halo);
+- otherwise (padded or packed batches on CUDA, other backends): `_HaloExchange` builds [halo ; chunk] key/value
+  windows and `_chunk_attention` runs s2_attention over the segments (global document x group) the chunk's queries
+  share: no (C, C) mask, memory linear in the window, but copies of the windows and of the halo's query rows.
 
 Library use (own training loop), on every rank of a process group holding the same full batch:
 
@@ -120,9 +121,14 @@ class ChunkPlan:
     group: object = None
     first_lengths: tuple[int, int] | None = None
     """Regular layouts (no padding, no packing): per half, the length of the chunk's first segment, the rest being
-    groups of G; with `chunk_layout` it lets the CPU/varlen kernels run the chunk as one S2 row with a prefix (the
-    halo)."""
+    groups of G: the CPU/varlen kernels run the chunk as one S2 row with a prefix (the halo)."""
+    segments: tuple[list[list[tuple[int, int]]], ...] | None = None
+    """Padding or packing: per half, per row, the (start, length) of the row's segments of real tokens in the chunk
+    (the CPU kernels' prefix path takes them one by one), and prefix_lengths[half][row]: the tokens of the halo that
+    the row's first segment continues (its last ones)."""
+    prefix_lengths: tuple[list[int], ...] | None = None
     chunk_layout: TokenLayout | None = None
+    """The chunk as B regular rows of C tokens: what the kernels see (backend resolution)."""
 
     def transfers(self, half: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """(sends, recvs) of one half: sends (peer, a, b) = my local tokens [a, b) to peer; recvs (peer, a, b) = the
@@ -181,15 +187,28 @@ def plan_chunks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor 
     lo = rank * chunk - max(halo[rank])
     hi = (rank + 1) * chunk
     seg = torch.stack([segs[0][:, lo:hi], segs[1][:, lo:hi]])  # (2, B, W)
-    regular = {}
+    mine = seg[:, :, -chunk:]  # (2, B, C) segment ids over the chunk (-1: padding)
     if layout.regular:  # segments sit at the same places in every row: the first one's length says it all
-        mine = seg[:, 0, -chunk:]  # (2, C) row 0's segment ids over the chunk
-        regular = dict(first_lengths=tuple(int((mine[h] == mine[h, 0]).sum()) for h in range(2)),
-                       chunk_layout=token_layout(batch, chunk, torch.device(device)))
+        shape = dict(first_lengths=tuple(int((mine[h, 0] == mine[h, 0, 0]).sum()) for h in range(2)))
+    else:
+        shape = dict(first_lengths=(0, 0), segments=tuple(
+            [_row_segments(mine[h, b]) for b in range(batch)] for h in range(2)), prefix_lengths=tuple(
+            [int((seg[h, b, :-chunk][seg.shape[2] - chunk - halo[rank][h]:] == mine[h, b, 0]).sum())
+             if mine[h, b, 0] >= 0 else 0 for b in range(batch)] for h in range(2)))
     return ChunkPlan(rank=rank, world=world, chunk=chunk, group_size=group_size, halo=tuple(halo),
-                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group, **regular,
+                     real=real[:, lo:hi].to(device), seg=seg.to(device), group=group, **shape,
+                     chunk_layout=token_layout(batch, chunk, torch.device(device)),
                      layouts=tuple(_window_layout(real[:, lo:hi][:, -(n + chunk):], seg[h][:, -(n + chunk):],
                                                   group_size, device) for h, n in enumerate(halo[rank])))
+
+
+def _row_segments(ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of the runs of equal segment ids in a row (C,), padding (-1) left out."""
+    start = torch.ones_like(ids, dtype=torch.bool)
+    start[1:] = ids[1:] != ids[:-1]
+    starts = start.nonzero().squeeze(1).tolist()
+    bounds = starts + [ids.numel()]
+    return [(a, z - a) for a, z in zip(bounds[:-1], bounds[1:]) if int(ids[a]) >= 0]
 
 
 def _window_layout(real: torch.Tensor, seg: torch.Tensor, group_size: int, device) -> TokenLayout:
@@ -343,7 +362,7 @@ class _ChunkPrefix:
 
     def __init__(self, plan: ChunkPlan, halves):
         self.plan, self.halves = plan, halves
-        self.first_lengths = plan.first_lengths
+        self.first_lengths, self.segments, self.prefix_lengths = plan.first_lengths, plan.segments, plan.prefix_lengths
         starts = {h: kv0 for _, _, kv0, _, h in halves}
         self.kv_start = (starts.get(0, 0), starts.get(1, 0))
 
@@ -393,9 +412,10 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
     shift = settings.shift if settings is not None else True
     halves = _halves(hq, key.shape[1], shift)
     window = kwargs.get("sliding_window")
-    if plan.first_lengths is not None:
-        # the chunk is one regular S2 row whose first segments continue the halo: the CPU and varlen kernels take
-        # the halo as a prefix (fetched and returned inside their Function), writing one (B, C, Hq, D) output
+    if plan.chunk_layout is not None:
+        # the chunk is one S2 row whose first segments continue the halo: the CPU kernels (any layout) and the
+        # varlen kernels (regular layouts) take the halo as a prefix (fetched and returned inside their Function),
+        # writing one (B, C, Hq, D) output
         n_plain = hq // 2 if shift else hq
         backend = resolve_backend(query, key, value, plan.chunk_layout, plan.group_size, dropout=dropout,
                                   backend=settings.backend if settings is not None else "auto",
@@ -405,7 +425,8 @@ def sequence_parallel_attention_forward(module, query, key, value, attention_mas
             out = s2_cpu_flash(query, key, value, plan.group_size, n_plain, scaling, attention.REUSE_OUTPUT_MEMORY,
                                prefix=prefix)  # (B, Hq, C, D)
             return out.transpose(1, 2), None
-        if backend == "varlen" and prefix_supported() and (window is None or window >= plan.group_size):
+        if backend == "varlen" and plan.segments is None and prefix_supported() and (
+                window is None or window >= plan.group_size):
             out = s2_varlen(query, key, value, plan.chunk_layout, plan.group_size, n_plain, scaling, window,
                             prefix=prefix)  # (B, Hq, C, D)
             return out.transpose(1, 2), None
