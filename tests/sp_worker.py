@@ -40,12 +40,15 @@ def make_batch(layout: str, length: int, gen: torch.Generator) -> dict:
         labels = ids.clone()
         labels[0, torch.tensor([0, lengths[0], lengths[0] + lengths[1]])] = -100  # a document's first token
         return {"input_ids": ids, "position_ids": pos, "labels": labels}
-    b = 2 if layout == "padding" else 1
+    b = 2 if layout in ("padding", "long_padding") else 1
     ids = torch.randint(3, 128, (b, length), generator=gen)
     mask = torch.ones(b, length, dtype=torch.long)
     if layout == "padding":
         mask[0, :5] = 0  # left padding shifts every group of row 0
         mask[1, length - 7:] = 0
+    if layout == "long_padding":  # more than a chunk: whole chunks of padding (N = 2, 4), left and right
+        mask[0, :length // 2 + 3] = 0
+        mask[1, length // 2 - 3:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

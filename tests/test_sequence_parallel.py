@@ -108,6 +108,9 @@ def _cases(halo_groups, span_groups):
               for layout in ("padding", "packed") for g in (halo_groups[0], span_groups[0])]
     cases.append({"arch": "llama", "layout": "plain", "length": 64, "group_size": halo_groups[0], "path": "varlen",
                   "config": {"num_key_value_heads": 1}})
+    # rows with whole chunks of padding
+    cases += [{"arch": "llama", "layout": "long_padding", "length": 64, "group_size": g}
+              for g in (halo_groups[0], span_groups[0])]
     # the no-shift ablation ("short" attention): every head plain
     cases += [{"arch": "llama", "layout": layout, "length": 64, "group_size": span_groups[0], "shift": False}
               for layout in ("plain", "packed")]

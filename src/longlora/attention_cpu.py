@@ -161,7 +161,9 @@ class _S2FlashCPU(torch.autograd.Function):
                     shift = prefix.first_lengths[half] % group_size
                     if n_row:
                         pre = (half, kv0 - prefix.kv_start[half], kv1 - prefix.kv_start[half], n - n_row)
-                for batch in batches or _batches(length, group_size, shift, first_alone=pre is not None):
+                if batches is None:  # regular rows (a padded row may have no segment at all: [])
+                    batches = _batches(length, group_size, shift, first_alone=pre is not None)
+                for batch in batches:
                     q, k, v = (_pieces(x, bi, a, z, *batch) for x, a, z in
                                ((query, h0, h1), (key, kv0, kv1), (value, kv0, kv1)))  # (count, H, seg, D)
                     piece, lse = flash_fwd(q, k, v, 0.0, True, scale=scale)  # (count, H, seg, D), (count, H, seg)
