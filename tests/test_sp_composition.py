@@ -29,8 +29,12 @@ linux = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo o
 
 
 def _env() -> dict:
-    # DS_ACCELERATOR: DeepSpeed's CPU accelerator even where a GPU is visible (these runs are gloo, CPU tensors)
-    return cpu_env(DS_ACCELERATOR="cpu")
+    # DS_ACCELERATOR: DeepSpeed's CPU accelerator even where a GPU is visible (these runs are gloo, CPU tensors).
+    # TORCH_EXTENSIONS_DIR: DeepSpeed JIT-builds its CPU communication op under a lock file; in the shared
+    # ~/.cache/torch_extensions a build killed halfway leaves that lock behind and every later launch waits on it
+    # forever, so the build goes next to this checkout's environment (one build per checkout, ~30 s).
+    extensions = ROOT / ".venv" / "torch_extensions" if (ROOT / ".venv").is_dir() else None
+    return cpu_env(DS_ACCELERATOR="cpu", **({"TORCH_EXTENSIONS_DIR": str(extensions)} if extensions else {}))
 
 
 def _launch(world: int, cases: list[dict], tmp_path) -> list[dict]:
