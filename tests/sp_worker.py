@@ -24,6 +24,7 @@ from tiny_models import tiny_config  # noqa: E402
 
 from longlora import attention_varlen, sequence_parallel  # noqa: E402
 from longlora.adapters import apply_lora_plus  # noqa: E402
+from longlora.memory import apply_memory_plan  # noqa: E402
 from longlora.attention import use_backend  # noqa: E402
 from longlora.integration import enable_s2_attention  # noqa: E402
 from longlora.sequence_parallel import (  # noqa: E402
@@ -76,6 +77,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     ref_loss.backward()
 
     enable_sequence_parallel(model, group_size=case["group_size"], shift=case.get("shift", True))
+    if case.get("tiled_loss"):  # the chunked loss (chunks of 8 tokens) against the reference's full logits
+        apply_memory_plan(model, tiled_loss=True, tiled_mlp=False, loss_chunk_tokens=8)
     shard = shard_batch(batch, model)
     # path: "auto" (CPU: the kernels' row prefix on regular batches), "sdpa" (the general [halo ; chunk] path for
     # any batch) or "varlen" (the CUDA path's code, its kernel replaced by the per-segment reference)

@@ -111,6 +111,9 @@ def _cases(halo_groups, span_groups):
     # rows with whole chunks of padding
     cases += [{"arch": "llama", "layout": "long_padding", "length": 64, "group_size": g}
               for g in (halo_groups[0], span_groups[0])]
+    # the chunked loss of longlora.memory (tiled_loss) on each rank's chunk
+    cases += [{"arch": "llama", "layout": layout, "length": 64, "group_size": halo_groups[0], "tiled_loss": True}
+              for layout in ("plain", "packed")]
     # the no-shift ablation ("short" attention): every head plain
     cases += [{"arch": "llama", "layout": layout, "length": 64, "group_size": span_groups[0], "shift": False}
               for layout in ("plain", "packed")]

@@ -108,6 +108,12 @@ class TrainConfig:
     """Allow writing into a non-empty output_dir that holds no resumable run."""
     sequence_parallel: int = 1
     """Ranks sharing one sequence (each holds context_length/N tokens; only S2's halo is exchanged); 1 = off."""
+    tiled_loss: bool = True
+    """Compute the training loss over chunks of tokens: no (length x vocabulary) logits tensor (longlora.memory)."""
+    tiled_mlp: str | bool = "auto"
+    """Run each MLP over tiles of tokens: auto (from longlora.memory.TILED_MLP_AUTO_TOKENS tokens) | true | false."""
+    offload_checkpoints: bool = False
+    """Keep each checkpointed layer input in host memory until its recompute (needs gradient_checkpointing)."""
     training_args: dict[str, Any] = field(default_factory=dict)
     """Other transformers.TrainingArguments fields, passed through (report_to, deepspeed, fsdp, ...)."""
 
@@ -140,6 +146,12 @@ class TrainConfig:
             from .sequence_parallel import check_sequence_parallel
 
             check_sequence_parallel(self.context_length, self.group_size(), self.sequence_parallel)
+        from .memory import normalize_tiled_mlp
+
+        self.tiled_mlp = normalize_tiled_mlp(self.tiled_mlp)
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("offload_checkpoints moves the inputs that gradient checkpointing keeps: set "
+                             "gradient_checkpointing true, or offload_checkpoints false")
         if self.finetune == "full" and self.quantization:
             raise ValueError("quantization (QLoRA) needs a LoRA finetune; use finetune lora_plus or lora")
 

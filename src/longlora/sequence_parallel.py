@@ -554,13 +554,13 @@ def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=Non
     group (pass scale=N when a data-parallel wrapper averages gradients over the group's ranks instead).
     `num_items` replaces the batch's own token count as the denominator (a count over several micro-batches).
     """
-    plan = shard[PLAN_KEY]
-    logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False,
-                   **{PLAN_KEY: plan}).logits  # (B, C, V)
-    total = F.cross_entropy(logits.float().flatten(0, 1), shard["shift_labels"].flatten().to(logits.device),
-                            ignore_index=-100, reduction="sum")
     count = shard["num_items"] if num_items is None else num_items
-    return total * scale / (count if torch.is_tensor(count) else max(count, 1))
+    count = count if torch.is_tensor(count) else max(count, 1)
+    labels = shard["shift_labels"]  # (B, C): already shifted across the chunk boundary
+    # the model's own loss: its sum over the chunk's tokens / (count / scale); the chunked one (no (C, V) logits)
+    # under a memory plan with tiled_loss (longlora.memory), else transformers' ForCausalLMLoss
+    return model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False, labels=labels,
+                 shift_labels=labels, num_items_in_batch=count / scale, **{PLAN_KEY: shard[PLAN_KEY]}).loss
 
 
 # ----------------------------------------------------------------------------------------------------------------

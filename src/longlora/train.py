@@ -481,9 +481,19 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     print(f"context: {original} -> {config.context_length} tokens (rope {config.rope_scaling}, factor {factor}); "
           f"attention {config.attention}, group size {config.group_size()} in training", flush=True)
 
+    if config.offload_checkpoints:  # before the model loads: the host must hold every layer's checkpoint
+        from .memory import check_host_memory
+
+        tokens = config.per_device_train_batch_size * config.context_length // config.sequence_parallel
+        check_host_memory(model_config, tokens, itemsize=2 if args.bf16 or args.fp16 else 4)
+
     set_seed(config.seed)
     _attach_deepspeed_comm(args)
     model = load_training_model(config, model_config)
+    from .memory import apply_memory_plan
+
+    apply_memory_plan(model, tiled_loss=config.tiled_loss, tiled_mlp=config.tiled_mlp,
+                      offload_checkpoints=config.offload_checkpoints)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainable = trainable_parameter_counts(model)
