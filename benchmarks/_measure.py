@@ -22,12 +22,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of live tensor storages created inside the mode (CPU-friendly stand-in for max_memory_allocated)."""
 
-    def __init__(self, exclude: tuple[torch.Tensor, ...] = ()):
+    def __init__(self, exclude: tuple[torch.Tensor, ...] = (), offloaded=None):
         super().__init__()
         self.live = 0
         self.peak = 0
+        # offloaded() -> bytes of the live tensors that stand for host memory (longlora.memory's offloaded
+        # checkpoints): they are not counted in the peak
+        self._offloaded = offloaded or (lambda: 0)
+        self.phases: dict[str, int] = {}
+        self._phase_peak = 0
         # storages of the inputs: views of them (a transpose, a slice) are not new memory
         self._seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def mark(self, phase: str) -> None:
+        """Close a phase: `phases[phase]` = the peak since the previous mark; the next phase starts at the bytes live
+        now. `peak` stays the peak of the whole run."""
+        self.phases[phase] = self._phase_peak
+        self._phase_peak = self.live - self._offloaded()
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -37,7 +48,9 @@ class PeakTensorMemory(TorchDispatchMode):
         self._seen.add(key)
         size = storage.nbytes()
         self.live += size
-        self.peak = max(self.peak, self.live)
+        held = self.live - self._offloaded()
+        self.peak = max(self.peak, held)
+        self._phase_peak = max(self._phase_peak, held)
 
         def release(_ref, key=key, size=size):
             self._seen.discard(key)

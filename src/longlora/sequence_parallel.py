@@ -556,7 +556,7 @@ def sequence_parallel_loss(model, shard: dict, scale: float = 1.0, num_items=Non
     """
     count = shard["num_items"] if num_items is None else num_items
     count = count if torch.is_tensor(count) else max(count, 1)
-    labels = shard["shift_labels"]  # (B, C): already shifted across the chunk boundary
+    labels = shard["shift_labels"].contiguous()  # (B, C): already shifted across the chunk boundary
     # the model's own loss: its sum over the chunk's tokens / (count / scale); the chunked one (no (C, V) logits)
     # under a memory plan with tiled_loss (longlora.memory), else transformers' ForCausalLMLoss
     return model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False, labels=labels,
