@@ -162,6 +162,11 @@ class Checkpoint:
     tokenizer_source: str
     trained_vocab_size: int | None
     """Rows of the embedding the adapter saved, when training resized it (added tokens); else None."""
+    quantization_config: Any = None
+    """For an adapter trained on a 4-bit (QLoRA) base: the BitsAndBytesConfig it was quantized with. The base is then
+    quantized the same way and dequantized (`load_base_model`): the weights the adapter was trained against."""
+    quantized_dtype: torch.dtype | None = None
+    """The dtype the QLoRA base was loaded in before quantizing (the 4-bit codes depend on it)."""
 
     @property
     def gguf_kwargs(self) -> dict[str, str]:
@@ -210,7 +215,45 @@ def resolve_checkpoint(
     if rope_factor is not None:
         config = stretch_rope(config, rope_factor, rope_scaling)
     tokenizer_source = adapter if adapter is not None and has_tokenizer(adapter) else model
-    return Checkpoint(model, adapter, gguf_file, config, tokenizer_source, trained_rows)
+    quantization = trained_quantization(adapter) if adapter is not None else None
+    return Checkpoint(model, adapter, gguf_file, config, tokenizer_source, trained_rows,
+                      *(quantization or (None, None)))
+
+
+def trained_quantization(adapter: str | os.PathLike) -> tuple[Any, torch.dtype] | None:
+    """(BitsAndBytesConfig, dtype loaded in) of the 4-bit base `adapter` was trained on; None for any other adapter.
+
+    The run's options (longlora_config.yaml, which `longlora train` writes beside every adapter) say whether it was
+    a QLoRA run (`quantization: 4bit`); the adapter's config.json (the training model's config) records how: its
+    quantization_config and dtype, resolved as the run used them (compute dtype, NF4, double quantization).
+    """
+    import yaml
+
+    from longlora.train import RUN_CONFIG
+
+    run_file = Path(adapter) / RUN_CONFIG
+    if not run_file.is_file():
+        return None
+    try:
+        options = yaml.safe_load(run_file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{run_file} is damaged ({_first_line(error)}); restore the file `longlora train` wrote")
+    if not isinstance(options, dict) or options.get("quantization") != "4bit":
+        return None
+    config_file = Path(adapter) / TRAINED_CONFIG
+    values = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    quantization = values.get("quantization_config")
+    dtype = _DTYPES.get(str(values.get("dtype")))
+    if not isinstance(quantization, dict) or not quantization.get("load_in_4bit") or dtype is None:
+        raise ValueError(
+            f"adapter {str(adapter)!r} was trained on a 4-bit base ({RUN_CONFIG}: quantization 4bit) but its "
+            f"{TRAINED_CONFIG} does not record the quantization (quantization_config, dtype); restore the "
+            f"{TRAINED_CONFIG} `longlora train` wrote, or remove `quantization: 4bit` from {RUN_CONFIG} to use the "
+            "unquantized base weights"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig.from_dict(quantization), dtype
 
 
 def stretch_rope(config, rope_factor: float, rope_scaling: str = "linear"):
@@ -295,18 +338,47 @@ def stored_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 def load_base_model(checkpoint: Checkpoint, dtype: str | torch.dtype = "auto"):
     """The base weights loaded with `checkpoint.config` (full sdpa attention), the embedding resized to the trained
-    vocabulary and, with an adapter, the adapter's tensor shapes checked against the model (ValueError)."""
+    vocabulary and, with an adapter, the adapter's tensor shapes checked against the model (ValueError).
+
+    For an adapter trained on a 4-bit base (QLoRA) the base is quantized as in training and dequantized
+    (`dequantized_base`): the weights the adapter learnt to correct, not the full-precision originals."""
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(
-        checkpoint.model, config=checkpoint.config, dtype=resolve_dtype(dtype), attn_implementation="sdpa",
-        **checkpoint.gguf_kwargs,
-    )
+    if checkpoint.quantization_config is not None:
+        lm = dequantized_base(checkpoint, dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(
+            checkpoint.model, config=checkpoint.config, dtype=resolve_dtype(dtype), attn_implementation="sdpa",
+            **checkpoint.gguf_kwargs,
+        )
     rows = checkpoint.trained_vocab_size
     if rows is not None and rows != lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(rows)  # training added tokens (e.g. a pad token); the adapter holds those rows
     if checkpoint.adapter is not None:
         check_adapter_shapes(lm, checkpoint.adapter)
+    return lm
+
+
+def dequantized_base(checkpoint: Checkpoint, dtype: str | torch.dtype = "auto"):
+    """The QLoRA base of `checkpoint` as plain nn.Linear layers holding its dequantized 4-bit weights, in `dtype`
+    ('auto': the dtype training loaded the base in).
+
+    The base is loaded exactly as training loaded it (same BitsAndBytesConfig, same dtype before quantizing, on
+    CUDA when there is a GPU as the Trainer did), so the NF4 codes and scales are the training run's, and each
+    projection is dequantized by bitsandbytes' own dequantize_4bit, the function its 4-bit layers compute with:
+    the weights are exactly those the training forward used (cast to a wider `dtype` without rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    check_bitsandbytes("cuda" if torch.cuda.is_available() else "cpu")
+    lm = AutoModelForCausalLM.from_pretrained(
+        checkpoint.model, config=checkpoint.config, dtype=checkpoint.quantized_dtype, attn_implementation="sdpa",
+        quantization_config=checkpoint.quantization_config, **checkpoint.gguf_kwargs,
+    )
+    lm.dequantize()  # Linear4bit -> nn.Linear(dequantize_4bit(...)) in the load dtype; the quantizer mark removed
+    lm.is_loaded_in_4bit = False  # (transformers leaves the flag set after dequantizing)
+    target = resolve_dtype(dtype)
+    if target != "auto":
+        lm.to(target)
     return lm
 
 
