@@ -86,16 +86,17 @@ class StopAt(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """A tiny Llama, a corpus (in `root`) and the uninterrupted 4-bit run (fp32: the CPU default) the tests look at,
-    with what `Inspect` saw of it."""
+    """A tiny Llama, a corpus (in `root`) and the uninterrupted 4-bit runs the tests look at, fp32 (the CPU default)
+    and bf16, with what `Inspect` saw of them."""
     if _bitsandbytes_problem() is not None:
         pytest.skip(_bitsandbytes_problem())
     root = tmp_path_factory.mktemp("qlora")
     save_tiny_model(root / "base", "llama")
     stdlib_corpus(root / "corpus", n_files=2)
-    inspect = Inspect()
+    inspect, inspect_bf16 = Inspect(), Inspect()
     run_training(load_config(TrainConfig, _args(root, root / "straight", bf16="false")), callbacks=[inspect])
-    return SimpleNamespace(root=root, inspect=inspect)
+    run_training(load_config(TrainConfig, _args(root, root / "straight-bf16", bf16="true")), callbacks=[inspect_bf16])
+    return SimpleNamespace(root=root, inspect=inspect, inspect_bf16=inspect_bf16)
 
 
 def _expected_quantized(prefix: str = "base_model.model.") -> set[str]:
@@ -130,10 +131,8 @@ def test_a_4bit_run_trains_lora_plus_over_nf4_projections_on_the_cpu(ws):
 
 
 @needs_bitsandbytes
-def test_a_bf16_4bit_run_computes_in_bf16_with_fp32_trainables(ws, tmp_path):
-    inspect = Inspect()
-    out = tmp_path / "bf16"
-    run_training(load_config(TrainConfig, _args(ws.root, out, bf16="true", max_steps=1)), callbacks=[inspect])
+def test_a_bf16_4bit_run_computes_in_bf16_with_fp32_trainables(ws):
+    inspect, out = ws.inspect_bf16, ws.root / "straight-bf16"
     assert set(inspect.linear4bit.values()) == {("nf4", torch.bfloat16, False)}
     for name, (dtype, grad) in inspect.parameters.items():
         if grad:
@@ -147,12 +146,14 @@ def test_a_bf16_4bit_run_computes_in_bf16_with_fp32_trainables(ws, tmp_path):
 
 
 @needs_bitsandbytes
-def test_a_resumed_4bit_run_ends_with_the_uninterrupted_adapter(ws, tmp_path):
+@pytest.mark.parametrize("bf16", ["false", "true"], ids=["fp32", "bf16"])
+def test_a_resumed_4bit_run_ends_with_the_uninterrupted_adapter(ws, tmp_path, bf16):
+    """Bit for bit on CPU; in the bf16 run also the float32 embed/norm copies come back from the checkpoint."""
     out = tmp_path / "interrupted"
-    run_training(load_config(TrainConfig, _args(ws.root, out, bf16="false")), callbacks=[StopAt(2)])
+    run_training(load_config(TrainConfig, _args(ws.root, out, bf16=bf16)), callbacks=[StopAt(2)])
     assert latest_complete_checkpoint(out).endswith("checkpoint-2")
-    run_training(load_config(TrainConfig, _args(ws.root, out, bf16="false", resume="auto")))
-    straight = ws.root / "straight"
+    run_training(load_config(TrainConfig, _args(ws.root, out, bf16=bf16, resume="auto")))
+    straight = ws.root / ("straight" if bf16 == "false" else "straight-bf16")
     assert (out / "adapter_model.safetensors").read_bytes() == (straight / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / SUMMARY).read_text()) for d in (out, straight))
     a.pop("seconds"), b.pop("seconds")
