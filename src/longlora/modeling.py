@@ -237,7 +237,8 @@ def trained_quantization(adapter: str | os.PathLike) -> tuple[Any, torch.dtype] 
     try:
         options = yaml.safe_load(run_file.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ValueError(f"{run_file} is damaged ({_first_line(error)}); restore the file `longlora train` wrote")
+        raise ValueError(f"{run_file} is damaged ({_first_line(error)}); restore the file `longlora train` wrote"
+                         ) from None
     if not isinstance(options, dict) or options.get("quantization") != "4bit":
         return None
     config_file = Path(adapter) / TRAINED_CONFIG
@@ -363,10 +364,11 @@ def dequantized_base(checkpoint: Checkpoint, dtype: str | torch.dtype = "auto"):
     """The QLoRA base of `checkpoint` as plain nn.Linear layers holding its dequantized 4-bit weights, in `dtype`
     ('auto': the dtype training loaded the base in).
 
-    The base is loaded exactly as training loaded it (same BitsAndBytesConfig, same dtype before quantizing, on
-    CUDA when there is a GPU as the Trainer did), so the NF4 codes and scales are the training run's, and each
-    projection is dequantized by bitsandbytes' own dequantize_4bit, the function its 4-bit layers compute with:
-    the weights are exactly those the training forward used (cast to a wider `dtype` without rounding)."""
+    The base is loaded as training loaded it (same BitsAndBytesConfig, same dtype before quantizing, the same
+    from_pretrained call, which quantizes on CUDA when there is a GPU), so the NF4 codes and scales are the training
+    run's, and each projection is dequantized by bitsandbytes' own dequantize_4bit, which its 4-bit layers also
+    compute with in training: the weights are those the training forward used (then cast to `dtype`; float32 holds
+    them exactly)."""
     from transformers import AutoModelForCausalLM
 
     check_bitsandbytes("cuda" if torch.cuda.is_available() else "cpu")

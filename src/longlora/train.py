@@ -196,6 +196,8 @@ def load_training_model(config: TrainConfig, model_config):
         dropout=config.lora_dropout, targets=config.lora_targets, trainable=tuple(config.trainable),
     )
     if config.finetune != "full" and compute != torch.float32:
+        # mixed precision: float32 trainables, their outputs back in the frozen weights' dtype (the compute dtype
+        # unless --dtype says otherwise)
         keep_trainables_in_float32(model, weights_dtype)
     if config.gradient_checkpointing and config.finetune == "lora":
         # the frozen embedding gives no grad-requiring input to checkpointed layers otherwise
