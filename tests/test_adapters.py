@@ -12,6 +12,7 @@ from longlora.adapters import (
     apply_lora_plus,
     default_lora_targets,
     format_trainable_counts,
+    keep_trainables_in_float32,
     trainable_module_names,
     trainable_parameter_counts,
     trainable_parameter_names,
@@ -197,6 +198,68 @@ def test_training_changes_only_trainable_parameters(arch, finetune):
     for name, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[name])
         assert changed == (name in trainable), name
+
+
+# ---------------------------------------------------------------- mixed precision: bf16 base, fp32 trainables
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen3", False), ("phi3", False),
+                                       ("gpt_neox", False)])
+def test_trainables_in_float32_over_a_bfloat16_base(arch, tied):
+    base = tiny_model(arch, **({"tie_word_embeddings": True} if tied else {})).to(torch.bfloat16)
+    model = apply_lora_plus(base)
+    cast = keep_trainables_in_float32(model, torch.bfloat16)
+    # exactly the embed / norm copies were cast (PEFT makes LoRA A/B float32 itself); nothing frozen moved
+    assert set(cast) == {n for n in expected_trainable(arch, "lora_plus") if ".lora_" not in n}
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name
+    if tied:
+        assert _trained_copy(model, "lm_head") is _trained_copy(model, "model.embed_tokens")
+
+    layer_inputs = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs: layer_inputs.append((args[0] if args else kwargs["hidden_states"]).dtype),
+        with_kwargs=True) for layer in _decoder_layers(model)]
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the Trainer runs a bf16 step under
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    # the residual stream (every layer's input, what checkpointing keeps) stays in bfloat16
+    assert layer_inputs == [torch.bfloat16] * LAYERS
+    assert torch.isfinite(loss)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and ".lora_A." not in name:  # A gets no gradient while B is zero
+            assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+            assert parameter.grad.abs().sum() > 0, name
+
+
+def test_output_casts_are_replaced_not_stacked_and_float32_removes_them():
+    model = apply_lora_plus(tiny_model("llama").to(torch.bfloat16))
+    keep_trainables_in_float32(model, torch.bfloat16)
+    assert keep_trainables_in_float32(model, torch.bfloat16) == []  # already float32
+    embedding = model.get_base_model().model.embed_tokens.modules_to_save["default"]
+    norm = model.get_base_model().model.norm.modules_to_save["default"]
+    assert len(embedding._forward_hooks) == 1 and len(norm._forward_hooks) == 1
+    ids = torch.tensor([[3, 4, 5]])
+    assert embedding(ids).dtype == torch.bfloat16 and norm(torch.ones(1, HIDDEN)).dtype == torch.bfloat16
+    keep_trainables_in_float32(model, torch.float32)
+    assert len(embedding._forward_hooks) == 0 and len(norm._forward_hooks) == 0
+    assert embedding(ids).dtype == torch.float32
+
+
+def test_lora_only_has_nothing_to_cast_or_hook():
+    model = apply_lora_plus(tiny_model("llama").to(torch.bfloat16), finetune="lora")
+    assert keep_trainables_in_float32(model, torch.bfloat16) == []
+    assert all(not module._forward_hooks for module in model.modules())
 
 
 # ---------------------------------------------------------------- errors

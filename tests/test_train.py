@@ -13,7 +13,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 import longlora.integration
 from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
-from longlora.train import COMPLETE, RUN_CONFIG, cmd_train, latest_complete_checkpoint, run_training
+from longlora.train import (
+    COMPLETE,
+    RUN_CONFIG,
+    cmd_train,
+    compute_dtype,
+    latest_complete_checkpoint,
+    load_dtype,
+    run_training,
+)
 from launch import torchrun
 from tiny_models import save_tiny_model, stdlib_corpus
 
@@ -112,6 +120,100 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(workspace, tmp_pa
     for s in summaries:
         s.pop("seconds")
     assert summaries[0] == summaries[1] and summaries[1]["steps"] == 4 and len(summaries[1]["losses"]) == 4
+
+
+@pytest.mark.parametrize(
+    "options,compute,weights",
+    [
+        (dict(bf16=False), torch.float32, torch.float32),  # the CPU default: an fp32 run
+        (dict(bf16=True), torch.bfloat16, torch.bfloat16),
+        (dict(fp16=True), torch.float16, torch.float16),  # passed through to TrainingArguments
+        (dict(fp16="true"), torch.float16, torch.float16),  # ... as the command line gives it
+        (dict(bf16=True, dtype="float32"), torch.bfloat16, torch.float32),  # an explicit dtype wins
+        (dict(bf16=False, dtype="bfloat16"), torch.float32, torch.bfloat16),
+        (dict(bf16=True, finetune="full"), torch.bfloat16, torch.float32),  # full fine-tuning: fp32 weights
+        (dict(bf16=True, quantization="4bit"), torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_frozen_weights_load_in_the_runs_compute_dtype(options, compute, weights):
+    config = load_config(TrainConfig, [], model="m", data="d", **options)
+    assert compute_dtype(config) == compute
+    assert load_dtype(config) == weights
+
+
+class Inspect(TrainerCallback):
+    """Records, at the start of training, every parameter's dtype and trainability, and during the first step the
+    dtype of the hidden states entering each decoder layer."""
+
+    def __init__(self):
+        self.parameters, self.layer_inputs, self._hooks = {}, [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.model = model
+        self.parameters = {name: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}
+        for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+            self._hooks.append(layer.register_forward_pre_hook(self._record, with_kwargs=True))
+
+    def _record(self, module, args, kwargs):
+        self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).dtype)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_bf16_run_keeps_the_frozen_base_in_bf16_and_the_trainables_in_fp32(workspace, tmp_path, tied):
+    """A bf16 run on CPU (the Trainer's bf16 autocast): frozen weights bfloat16, LoRA + embed/norm copies float32,
+    bfloat16 hidden states into every decoder layer, a float32 adapter, and `merge` matches base + adapter."""
+    from longlora.adapters import trainable_parameter_names
+    from longlora.merge import merge_and_check
+
+    base = workspace / "base"
+    if tied:
+        base = workspace / "tied_base"
+        if not base.exists():
+            save_tiny_model(base, "llama", tie_word_embeddings=True)
+    out = tmp_path / "bf16"
+    inspect = Inspect()
+    result = run_training(load_config(TrainConfig, train_args(workspace, out, model=base, bf16="true", max_steps=2,
+                                                               save_steps=2)), callbacks=[inspect])
+    assert result.summary["steps"] == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in
+                                                 result.summary["losses"])
+    trainable = {name for name, (_, grad) in inspect.parameters.items() if grad}
+    assert trainable == set(trainable_parameter_names(inspect.model))
+    assert sum(".lora_" in n for n in trainable) == 2 * 4 * 2  # layers x q/k/v/o x A/B
+    assert {n for n in trainable if ".lora_" not in n} == {
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight",
+        "base_model.model.model.norm.modules_to_save.default.weight",
+        *(f"base_model.model.model.layers.{i}.{norm}.modules_to_save.default.weight"
+          for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm"))}
+    for name, (dtype, grad) in inspect.parameters.items():
+        assert dtype == (torch.float32 if grad else torch.bfloat16), name
+    embedding = inspect.model.get_base_model().model.embed_tokens.modules_to_save["default"].weight
+    head = inspect.model.get_base_model().lm_head
+    assert ((head.modules_to_save["default"] if tied else head).weight is embedding) is tied
+    # the first step's forward: every decoder layer's input (what gradient checkpointing keeps) is bfloat16
+    assert inspect.layer_inputs == [torch.bfloat16] * 2
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert "base_model.model.model.embed_tokens.weight" in saved and "base_model.model.model.norm.weight" in saved
+
+    _, report = merge_and_check(adapter=out, output=tmp_path / "merged", dtype="float32")
+    assert report.max_logit_diff < 1e-4
+    from peft import PeftModel
+
+    config = AutoConfig.from_pretrained(out)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32), out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_yaml_file_and_command_line_overrides(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 FINETUNES = ("lora_plus", "lora", "full")
@@ -233,3 +234,55 @@ def format_trainable_counts(counts: dict[str, int]) -> str:
 def trainable_parameter_names(model) -> list[str]:
     """Names of the parameters that require grad (as `model.named_parameters()` gives them)."""
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+_CAST_HOOK = "_longlora_output_cast_hook"
+"""Attribute of a module holding the handle of the output-cast hook `keep_trainables_in_float32` registered on it."""
+
+
+def keep_trainables_in_float32(model, compute_dtype) -> list[str]:
+    """Trainable parameters in float32 over a frozen base in `compute_dtype` (mixed-precision training); returns the
+    names of the parameters it cast.
+
+    Why float32: AdamW's updates of a bfloat16 weight round away (a norm weight near 1 moves by ~1e-4 per step,
+    below bfloat16's resolution there), and fp16's GradScaler refuses fp16 gradients. PEFT already creates LoRA
+    A/B in float32; the embedding and norm copies it trains (modules_to_save) are copies of the base modules, in the
+    base's dtype: those are cast here, in place (`param.data`), so tied weights stay one Parameter.
+
+    Why the hooks: a float32 embedding returns float32 hidden states, and a float32 RMSNorm float32 normalised
+    ones, so the residual stream, every checkpointed layer input and bitsandbytes' 4-bit layers (which return their
+    input's dtype, autocast or not) would run at 4 bytes a value, twice the frozen model's. Each trained embedding
+    and norm gets a forward hook, registered on that module instance, that casts its output to `compute_dtype`: the
+    model's activations keep the dtype they had before the cast (autograd carries the gradient back to float32).
+    With `compute_dtype` float32 nothing is hooked. Calling it again replaces the hooks.
+    """
+    cast = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.to(torch.float32)
+            cast.append(name)
+    owners = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or "." not in name:
+            continue
+        owner_name = name.rsplit(".", 1)[0]
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, nn.Embedding) or _is_norm(owner):
+            owners[owner_name] = owner
+    for owner in owners.values():
+        previous = getattr(owner, _CAST_HOOK, None)
+        if previous is not None:
+            previous.remove()
+            delattr(owner, _CAST_HOOK)
+        if compute_dtype != torch.float32:
+            setattr(owner, _CAST_HOOK, owner.register_forward_hook(_output_caster(compute_dtype)))
+    return cast
+
+
+def _output_caster(dtype):
+    def cast_output(module, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dtype != dtype:
+            return output.to(dtype)
+        return None  # keep the output
+
+    return cast_output

@@ -99,11 +99,12 @@ class TrainConfig:
     max_blocks: int | None = None
     """Use at most this many blocks (for quick experiments)."""
     quantization: str | None = None
-    """4bit: QLoRA with bitsandbytes (CUDA only)."""
+    """4bit: QLoRA, the frozen projections in NF4 (bitsandbytes >= 0.49: CUDA or CPU); merge dequantizes them."""
     gguf_file: str | None = None
     """A GGUF file inside `model` to load (dequantised)."""
     dtype: str = "auto"
-    """Weights dtype when loading: auto | float32 | bfloat16 | float16."""
+    """Weights dtype when loading: auto (the run's compute dtype: bf16 / fp16 runs, else float32) | float32 |
+    bfloat16 | float16."""
     overwrite_output_dir: bool = False
     """Allow writing into a non-empty output_dir that holds no resumable run."""
     sequence_parallel: int = 1

@@ -11,6 +11,11 @@ What goes in:
   trained embedding and norm weights (PEFT `modules_to_save`), which replace the base's;
 - the tokenizer: the adapter directory's when it has one (training may have added a pad token), else the base's.
 
+An adapter trained on a 4-bit base (QLoRA: its longlora_config.yaml says `quantization: 4bit`) learnt to correct the
+*dequantized* weights, not the full-precision ones: the base is quantized as in training and dequantized
+(`longlora.modeling.dequantized_base`), and the adapter is merged onto that, so the merged model computes what the
+4-bit model + adapter computed in training.
+
 What comes out: safetensors shards (+ index when sharded), config.json, generation_config.json and the tokenizer, in a
 directory that plain transformers loads with `AutoModelForCausalLM.from_pretrained(out)`: no longlora import, no
 PEFT, full attention, the RoPE scaling applied by transformers from config.json (the original LongLoRA releases left
@@ -136,6 +141,8 @@ def merge_and_check(
     check_output_dir(output, overwrite, inputs=[adapter, checkpoint.model])
     target = stored_dtype(checkpoint) if resolve_dtype(dtype) == "auto" else resolve_dtype(dtype)
 
+    if checkpoint.quantization_config is not None:
+        logger.info("%s was trained on a 4-bit base: merging onto its dequantized weights", adapter)
     lm = load_base_model(checkpoint, torch.float32)  # merge arithmetic in float32, whatever the output dtype
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     lm.to(device)

@@ -162,6 +162,11 @@ class Checkpoint:
     tokenizer_source: str
     trained_vocab_size: int | None
     """Rows of the embedding the adapter saved, when training resized it (added tokens); else None."""
+    quantization_config: Any = None
+    """For an adapter trained on a 4-bit (QLoRA) base: the BitsAndBytesConfig it was quantized with. The base is then
+    quantized the same way and dequantized (`load_base_model`): the weights the adapter was trained against."""
+    quantized_dtype: torch.dtype | None = None
+    """The dtype the QLoRA base was loaded in before quantizing (the 4-bit codes depend on it)."""
 
     @property
     def gguf_kwargs(self) -> dict[str, str]:
@@ -210,7 +215,46 @@ def resolve_checkpoint(
     if rope_factor is not None:
         config = stretch_rope(config, rope_factor, rope_scaling)
     tokenizer_source = adapter if adapter is not None and has_tokenizer(adapter) else model
-    return Checkpoint(model, adapter, gguf_file, config, tokenizer_source, trained_rows)
+    quantization = trained_quantization(adapter) if adapter is not None else None
+    return Checkpoint(model, adapter, gguf_file, config, tokenizer_source, trained_rows,
+                      *(quantization or (None, None)))
+
+
+def trained_quantization(adapter: str | os.PathLike) -> tuple[Any, torch.dtype] | None:
+    """(BitsAndBytesConfig, dtype loaded in) of the 4-bit base `adapter` was trained on; None for any other adapter.
+
+    The run's options (longlora_config.yaml, which `longlora train` writes beside every adapter) say whether it was
+    a QLoRA run (`quantization: 4bit`); the adapter's config.json (the training model's config) records how: its
+    quantization_config and dtype, resolved as the run used them (compute dtype, NF4, double quantization).
+    """
+    import yaml
+
+    from longlora.train import RUN_CONFIG
+
+    run_file = Path(adapter) / RUN_CONFIG
+    if not run_file.is_file():
+        return None
+    try:
+        options = yaml.safe_load(run_file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{run_file} is damaged ({_first_line(error)}); restore the file `longlora train` wrote"
+                         ) from None
+    if not isinstance(options, dict) or options.get("quantization") != "4bit":
+        return None
+    config_file = Path(adapter) / TRAINED_CONFIG
+    values = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    quantization = values.get("quantization_config")
+    dtype = _DTYPES.get(str(values.get("dtype")))
+    if not isinstance(quantization, dict) or not quantization.get("load_in_4bit") or dtype is None:
+        raise ValueError(
+            f"adapter {str(adapter)!r} was trained on a 4-bit base ({RUN_CONFIG}: quantization 4bit) but its "
+            f"{TRAINED_CONFIG} does not record the quantization (quantization_config, dtype); restore the "
+            f"{TRAINED_CONFIG} `longlora train` wrote, or remove `quantization: 4bit` from {RUN_CONFIG} to use the "
+            "unquantized base weights"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig.from_dict(quantization), dtype
 
 
 def stretch_rope(config, rope_factor: float, rope_scaling: str = "linear"):
@@ -295,18 +339,48 @@ def stored_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 def load_base_model(checkpoint: Checkpoint, dtype: str | torch.dtype = "auto"):
     """The base weights loaded with `checkpoint.config` (full sdpa attention), the embedding resized to the trained
-    vocabulary and, with an adapter, the adapter's tensor shapes checked against the model (ValueError)."""
+    vocabulary and, with an adapter, the adapter's tensor shapes checked against the model (ValueError).
+
+    For an adapter trained on a 4-bit base (QLoRA) the base is quantized as in training and dequantized
+    (`dequantized_base`): the weights the adapter learnt to correct, not the full-precision originals."""
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(
-        checkpoint.model, config=checkpoint.config, dtype=resolve_dtype(dtype), attn_implementation="sdpa",
-        **checkpoint.gguf_kwargs,
-    )
+    if checkpoint.quantization_config is not None:
+        lm = dequantized_base(checkpoint, dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(
+            checkpoint.model, config=checkpoint.config, dtype=resolve_dtype(dtype), attn_implementation="sdpa",
+            **checkpoint.gguf_kwargs,
+        )
     rows = checkpoint.trained_vocab_size
     if rows is not None and rows != lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(rows)  # training added tokens (e.g. a pad token); the adapter holds those rows
     if checkpoint.adapter is not None:
         check_adapter_shapes(lm, checkpoint.adapter)
+    return lm
+
+
+def dequantized_base(checkpoint: Checkpoint, dtype: str | torch.dtype = "auto"):
+    """The QLoRA base of `checkpoint` as plain nn.Linear layers holding its dequantized 4-bit weights, in `dtype`
+    ('auto': the dtype training loaded the base in).
+
+    The base is loaded as training loaded it (same BitsAndBytesConfig, same dtype before quantizing, the same
+    from_pretrained call, which quantizes on CUDA when there is a GPU), so the NF4 codes and scales are the training
+    run's, and each projection is dequantized by bitsandbytes' own dequantize_4bit, which its 4-bit layers also
+    compute with in training: the weights are those the training forward used (then cast to `dtype`; float32 holds
+    them exactly)."""
+    from transformers import AutoModelForCausalLM
+
+    check_bitsandbytes("cuda" if torch.cuda.is_available() else "cpu")
+    lm = AutoModelForCausalLM.from_pretrained(
+        checkpoint.model, config=checkpoint.config, dtype=checkpoint.quantized_dtype, attn_implementation="sdpa",
+        quantization_config=checkpoint.quantization_config, **checkpoint.gguf_kwargs,
+    )
+    lm.dequantize()  # Linear4bit -> nn.Linear(dequantize_4bit(...)) in the load dtype; the quantizer mark removed
+    lm.is_loaded_in_4bit = False  # (transformers leaves the flag set after dequantizing)
+    target = resolve_dtype(dtype)
+    if target != "auto":
+        lm.to(target)
     return lm
 
 
@@ -450,6 +524,61 @@ def unquantized_copy(model):
         fresh.get_output_embeddings().weight = fresh.get_input_embeddings().weight
     fresh.generation_config = model.generation_config
     return fresh.eval()
+
+
+def check_bitsandbytes(device: str | torch.device = "cpu") -> None:
+    """QLoRA's requirement, checked before anything heavy: bitsandbytes imports and quantizes / dequantizes an NF4
+    tensor on `device` (bitsandbytes >= 0.49 has CPU kernels besides CUDA ones; older releases only CUDA). One-line
+    ValueError saying what to install otherwise."""
+    try:
+        import bitsandbytes
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    except Exception as error:  # ImportError, or a broken install failing while loading its native library
+        raise ValueError(
+            f"quantization 4bit (QLoRA) needs bitsandbytes >= 0.49, which does not import here ({_first_line(error)}):"
+            " pip install 'longlora[qlora]'"
+        ) from error
+    try:
+        weights, state = quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4", compress_statistics=True)
+        dequantize_4bit(weights, state)
+    except Exception as error:  # no kernel registered for the device (NotImplementedError, RuntimeError, ...)
+        raise ValueError(
+            f"quantization 4bit (QLoRA): bitsandbytes {getattr(bitsandbytes, '__version__', '?')} has no 4-bit "
+            f"backend for {torch.device(device).type} ({_first_line(error)}); bitsandbytes >= 0.49 runs on CPU and "
+            "CUDA: pip install -U 'longlora[qlora]'"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype):
+    """QLoRA's 4-bit storage (the paper's: NF4 with double-quantized scales), computing in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def keep_4bit_layers_unpacked(model) -> int:
+    """Stop bitsandbytes' CPU inference repacking on every 4-bit layer of `model`; returns how many there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) rewrites a Linear4bit's weight, in place, into a CPU layout the
+    first time the layer runs in eval mode without grad: scales rounded to bfloat16, products computed in bfloat16
+    whatever the compute dtype, and a backward that no longer reaches the layer's input once it is trained again.
+    The weights a model is trained against (and that `load_base_model` dequantizes for a QLoRA adapter) must stay the
+    ones it was loaded with, so the flag that allows it is cleared on each layer instance.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def finalize_saved_files(directory: str | os.PathLike) -> None:

@@ -56,7 +56,7 @@ def _model_source(config: TrainConfig) -> tuple[str, dict[str, str]]:
 
 
 def check_paths(config: TrainConfig) -> None:
-    """A missing model, a non-resumable non-empty output_dir, QLoRA without CUDA: errors up front.
+    """A missing model, a non-resumable non-empty output_dir, QLoRA without a usable bitsandbytes: errors up front.
 
     (A missing or empty corpus is reported by the data step, which also runs before the model loads.)
     """
@@ -71,14 +71,9 @@ def check_paths(config: TrainConfig) -> None:
             "--overwrite-output-dir true to reuse it, or choose another --output-dir."
         )
     if config.quantization == "4bit":
-        import torch
+        from .modeling import check_bitsandbytes
 
-        if not torch.cuda.is_available():
-            raise ValueError("quantization 4bit (QLoRA, bitsandbytes) needs a CUDA GPU; none is available here")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise ValueError("quantization 4bit needs bitsandbytes: pip install 'longlora[qlora]'") from err
+        check_bitsandbytes(_training_device(config))
 
 
 def _load_base_config(config: TrainConfig):
@@ -113,40 +108,97 @@ def _use_bf16(config: TrainConfig) -> bool:
 
     if config.bf16 is not None:
         return config.bf16
+    if _flag(config.training_args.get("fp16")):
+        return False  # fp16 mixed precision asked for (TrainingArguments takes one of the two)
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _flag(value) -> bool:
+    """A passed-through TrainingArguments boolean, given in YAML (true) or on the command line ("true")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    return bool(value)
+
+
+def _training_device(config: TrainConfig) -> str:
+    """Where the Trainer puts the model: CUDA when there is a GPU and use_cpu is not passed through, else CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not _flag(config.training_args.get("use_cpu")) else "cpu"
+
+
+def compute_dtype(config: TrainConfig):
+    """The run's compute dtype: bfloat16 for a bf16 run, float16 for `fp16: true` (passed to TrainingArguments),
+    else float32 (the CPU default). The frozen weights are loaded in it (see `load_dtype`) and QLoRA's 4-bit layers
+    compute in it."""
+    import torch
+
+    if _use_bf16(config):
+        return torch.bfloat16
+    if _flag(config.training_args.get("fp16")):
+        return torch.float16
+    return torch.float32
+
+
+def load_dtype(config: TrainConfig):
+    """The dtype the base weights load in: the `dtype` option when given; for `finetune: full` float32 (every
+    weight is trained, and trained weights are kept in float32); else the run's compute dtype: a bf16 run's frozen
+    base takes 2 bytes a weight, not 4, and its activations stay in bfloat16 (`keep_trainables_in_float32`)."""
+    import torch
+
+    from .modeling import resolve_dtype
+
+    if config.dtype != "auto":
+        return resolve_dtype(config.dtype)
+    if config.finetune == "full":
+        return torch.float32
+    return compute_dtype(config)
+
+
 def load_training_model(config: TrainConfig, model_config):
-    """Base weights under the interpolated config, made trainable (LoRA+ / LoRA / full) and switched to S2."""
+    """Base weights under the interpolated config, made trainable (LoRA+ / LoRA / full) and switched to S2.
+
+    The frozen base is in `load_dtype(config)` (the run's compute dtype by default); under mixed precision the
+    trained parameters (LoRA, embedding and norm copies) are float32 and the activations stay in the base's dtype
+    (`keep_trainables_in_float32`). With quantization 4bit the attention and MLP projections are bitsandbytes NF4
+    layers computing in the run's compute dtype, on CUDA or on the CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import apply_lora_plus, format_trainable_counts, trainable_parameter_counts
+    from .adapters import (
+        apply_lora_plus,
+        format_trainable_counts,
+        keep_trainables_in_float32,
+        trainable_parameter_counts,
+    )
     from .integration import check_s2_support, enable_s2_attention
-    from .modeling import resolve_dtype
 
     model_path, gguf = _model_source(config)
-    kwargs: dict[str, Any] = dict(config=model_config, attn_implementation="sdpa", **gguf)
+    weights_dtype, compute = load_dtype(config), compute_dtype(config)
+    kwargs: dict[str, Any] = dict(config=model_config, attn_implementation="sdpa", dtype=weights_dtype, **gguf)
     if config.quantization == "4bit":
-        from transformers import BitsAndBytesConfig
+        from .modeling import qlora_quantization_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-        )
-    kwargs["dtype"] = resolve_dtype(config.dtype) if config.dtype != "auto" else torch.float32
+        kwargs["quantization_config"] = qlora_quantization_config(compute)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if config.quantization == "4bit":
+        from .modeling import keep_4bit_layers_unpacked
+
+        keep_4bit_layers_unpacked(model)
     if config.attention != "full":
         check_s2_support(model)  # a clear error before the adapters and data work
     model.config.use_cache = False  # training: no KV cache (and transformers' packing detection needs none)
-    if config.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    # (no peft.prepare_model_for_kbit_training for 4-bit: it casts every unquantized weight, frozen ones included, to
+    # float32; the freezing it also does is get_peft_model's, and the Trainer enables gradient checkpointing)
     model = apply_lora_plus(
         model, finetune=config.finetune, rank=config.lora_rank, alpha=config.lora_alpha,
         dropout=config.lora_dropout, targets=config.lora_targets, trainable=tuple(config.trainable),
     )
+    if config.finetune != "full" and compute != torch.float32:
+        # mixed precision: float32 trainables, their outputs back in the frozen weights' dtype (the compute dtype
+        # unless --dtype says otherwise)
+        keep_trainables_in_float32(model, weights_dtype)
     if config.gradient_checkpointing and config.finetune == "lora":
         # the frozen embedding gives no grad-requiring input to checkpointed layers otherwise
         model.enable_input_require_grads()
