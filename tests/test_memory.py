@@ -292,3 +292,48 @@ def test_applying_twice_replaces_the_plan():
     assert plan.tiled_mlp is False and plan.loss_chunk_tokens == 8
     assert all("forward" not in m.__dict__ for m in mlp_modules(model))  # the tiled forward is gone
     _assert_same(ref, _step(model, batch))
+
+
+def test_tiled_mlp_with_trainable_mlp_weights():
+    """LoRA on the MLP's projections: their gradients come out of the tiles' backward."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=VOCAB))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _random_adapters(apply_lora_plus(model, targets=["q_proj", "v_proj", "gate_proj", "down_proj"])).train()
+    batch = _batch("padding")
+    ref = _step(model, batch)
+    apply_memory_plan(model, tiled_loss=True, tiled_mlp=True, loss_chunk_tokens=16, mlp_tile_tokens=20)
+    got = _step(model, batch)
+    assert any("gate_proj.lora_A" in name for name in got[1])
+    _assert_same(ref, got)
+
+
+@pytest.mark.parametrize("arch,lean", [("llama", 5), ("qwen3", 9), ("phi3", 5), ("gemma", 0), ("gpt_neox", 0)])
+def test_lean_norms_only_where_the_forward_is_llamas(arch, lean):
+    """Llama-style RMSNorms (2 per layer + the final one; Qwen3's q/k norms too) get the lean backward; Gemma's
+    (1 + weight) norm and GPT-NeoX's LayerNorm keep their own. PEFT's trained copies and originals both count."""
+    from longlora.memory import lean_norm_modules
+
+    model = _model(arch)
+    names = {type(m).__name__ for m in lean_norm_modules(model)}
+    assert len(lean_norm_modules(model)) == 2 * lean  # the original and PEFT's trained copy of each
+    assert all(name.endswith("RMSNorm") for name in names)
+
+
+def test_lean_norms_in_bfloat16_match_autograd():
+    from longlora.memory import _LeanRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32, generator=gen) + 0.5)  # float32 weight, as LoRA+ trains it
+    x = torch.randn(5, 7, 32, generator=gen).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(5, 7, 32, generator=gen)
+    ref = norm(x)
+    ref_x, ref_w = torch.autograd.grad(ref, [x, norm.weight], grad)
+    out = _LeanRMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+    got_x, got_w = torch.autograd.grad(out, [x, norm.weight], grad)
+    assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-2, atol=1e-2)  # bf16 input gradient: one rounding apart
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-5)
