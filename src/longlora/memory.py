@@ -401,31 +401,51 @@ def _lean_norm(norm: nn.Module) -> _Undo:
     return _Undo(undo)
 
 
+NORM_ROWS = 1024
+"""Tokens per block of rows in `_LeanRMSNorm` (its float32 temporaries are a few such blocks)."""
+
+
 class _LeanRMSNorm(torch.autograd.Function):
     """Llama's RMSNorm, `weight * (x32 * r).to(x.dtype)` with x32 = x.float(), r = rsqrt(mean(x32^2) + eps), whose
     backward keeps x and r (one float per token) where autograd keeps x32, x32 * r and its cast (10 bytes per value
-    in bf16: ~20 KB per token per layer at hidden 4096 for the two norms of a layer)."""
+    in bf16). Both passes run over blocks of rows, so their float32 temporaries
+    are a few blocks (NORM_ROWS tokens each), not a few copies of the whole (N, H) input."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):  # x (..., H), weight (H,)
-        x32 = x.float()
-        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        flat = x.reshape(-1, x.shape[-1])  # (N, H)
+        rows = NORM_ROWS
+        r = torch.empty(flat.shape[0], 1, dtype=torch.float32, device=x.device)
+        out = None
+        for start in range(0, flat.shape[0], rows):
+            x32 = flat[start:start + rows].float()
+            r[start:start + rows] = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            y = weight * (x32 * r[start:start + rows]).to(x.dtype)
+            if out is None:
+                out = y.new_empty(flat.shape[0], flat.shape[1])
+            out[start:start + rows] = y
         ctx.save_for_backward(x, weight, r)
-        return weight * (x32 * r).to(x.dtype)
+        ctx.rows = rows
+        return out.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, r = ctx.saved_tensors
-        n = x.float() * r  # (..., H) the normalised input, recomputed
-        cast = n.to(x.dtype)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * cast).reshape(-1, cast.shape[-1]).sum(0).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = (grad * weight).to(x.dtype).float()  # the gradient reaching the float32 normalised input
-            grad_x = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_weight, None
+        flat, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
+        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(flat) if need_x else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, flat.shape[0], ctx.rows):
+            end = start + ctx.rows
+            n = flat[start:end].float() * r[start:end]  # the normalised input, recomputed
+            g = grad[start:end]
+            if need_weight:
+                grad_weight += (g * n.to(x.dtype)).sum(0, dtype=torch.float32)
+            if need_x:
+                gn = (g * weight).to(x.dtype).float()  # the gradient reaching the float32 normalised input
+                grad_x[start:end] = r[start:end] * (gn - n * (gn * n).mean(-1, keepdim=True))
+        grad_x = grad_x.reshape(x.shape) if need_x else None
+        return grad_x, (grad_weight.to(weight.dtype) if need_weight else None), None
 
 
 # --------------------------------------------------------------------------------------------------------------------
