@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from longlora.attention import s2_attention, s2_dense_mask  # noqa: E402
 
-VARIANTS = ("full", "s2", "short", "naive")
+VARIANTS = ("full", "s2", "short", "naive", "s2_plain")
+"""s2_plain (step part only): S2 without longlora.memory's default settings (the step before they existed)."""
 
 
 def op_fn(variant: str, group: int, mask_cache: dict):
@@ -62,8 +63,12 @@ def train_step_measure(variant: str, length: int, device, dtype, repeats: int):
     model = small_llama(device, dtype, length)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora_plus(model)
-    if variant in ("s2", "short"):
-        longlora.enable_s2_attention(model, shift=variant == "s2")
+    if variant in ("s2", "short", "s2_plain"):
+        longlora.enable_s2_attention(model, shift=variant != "short")
+    if variant != "s2_plain":  # what `longlora train` does by default: the chunked loss, the MLP tiled from 16k
+        from longlora.memory import apply_memory_plan
+
+        apply_memory_plan(model)
     model.train()
     ids = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -100,6 +105,8 @@ def main(argv=None):
             mask_cache: dict = {}
             for variant in variants:
                 if variant == "naive" and (length > args.naive_max_length or part == "step"):
+                    continue
+                if variant == "s2_plain" and part == "op":
                     continue
                 if part == "op":
                     q, k, v = make_inputs(length, args.heads, args.kv_heads, args.head_dim, device, dtype)

@@ -29,6 +29,23 @@ def test_speed_benchmark_smoke(tmp_path):
     assert "full/this" in printed
 
 
+def test_memory_benchmark_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    printed = run("memory.py", "--smoke", "--output", str(out))
+    data = json.loads(out.read_text())
+    assert {r["setting"] for r in data["rows"]} == {"today", "tiled_loss", "tiled_mlp", "offload", "defaults"}
+    for r in data["rows"]:
+        assert r["measured"] > 0 and 0.9 <= r["ratio"] <= 1.1, r  # the plan within 10 % of the measurement
+        assert set(r["phases"]) == {"forward", "loss backward", "layer backward", "embedding backward"}
+    assert {(p["model"], p["finetune"], p["setting"]) for p in data["plan"]} >= {
+        ("meta-llama/Llama-3.1-8B", "LoRA+ (bf16)", "offload"), ("meta-llama/Llama-3.2-1B", "QLoRA", "defaults")}
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "worst |ratio - 1|" in printed
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--smoke"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "outside docs/" in proc.stderr  # a smoke run never writes into docs/
+
+
 def test_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "attention.json"
     run("attention.py", "--lengths", "512", "--repeats", "1", "--output", str(out))

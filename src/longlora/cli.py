@@ -9,6 +9,7 @@
     longlora chat --model M --material FILE
     longlora serve [--model M] [--adapter A] [--host 127.0.0.1] [--port 7860]
     longlora convert --model file.gguf --output DIR
+    longlora plan --model M --context L [--gpu-memory 80] [--batch 1] [--quantization 4bit]
     longlora quickstart [--output DIR] [--fast] [--rebuild-base] [--threads N]
 
 A mistake in the input (a missing file, a bad option, data that cannot be used) ends the command with one line on
@@ -128,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--output", required=True)
     cv.add_argument("--dtype", default="float32")
     cv.add_argument("--overwrite", action="store_true")
+
+    pl = sub.add_parser("plan", help="predict a training step's GPU memory and the longest context that fits")
+    pl.add_argument("--model", required=True, help="model directory (config.json) or hub id; no weights are loaded")
+    pl.add_argument("--context", type=int, required=True, help="training tokens per sequence")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of one GPU (default 80)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--quantization", default=None, help="4bit: QLoRA")
+    pl.add_argument("--dtype", default="bf16", help="bf16 (default) | fp32")
+    pl.add_argument("--output", default=None, help="also write the plan as JSON")
 
     qs = sub.add_parser("quickstart", help="the whole workflow on the embedded default model (CPU, minutes)")
     qs.add_argument("--output", default="runs/quickstart")
@@ -265,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             from .convert import cmd_convert
 
             cmd_convert(ns.model, ns.output, dtype=ns.dtype, overwrite=ns.overwrite)
+        elif ns.command == "plan":
+            from .plan import cmd_plan
+
+            cmd_plan(ns.model, ns.context, gpu_memory=ns.gpu_memory, batch=ns.batch, quantization=ns.quantization,
+                     dtype=ns.dtype, output=ns.output)
         elif ns.command == "quickstart":
             from .quickstart import cmd_quickstart
 

@@ -299,3 +299,97 @@ PLAN_SETTINGS = {
     "defaults": dict(tiled_loss=True, tiled_mlp="auto", offload_checkpoints=False),
     "offload": dict(tiled_loss=True, tiled_mlp="auto", offload_checkpoints=True),
 }
+
+
+def load_shape(model: str, lora_rank: int = 8) -> tuple[ModelShape, str]:
+    """The shape of `model` (a local directory with config.json, a hub id, or a known published shape) and where
+    it was read from. No weights are loaded."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, LlamaConfig
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model} has no config.json; pass a model directory or a hub id")
+        return ModelShape.from_config(AutoConfig.from_pretrained(path), name=model, lora_rank=lora_rank), "config.json"
+    if path.suffix == ".gguf" or path.exists():
+        raise ValueError(f"{model}: plan reads a config.json (a model directory or a hub id), not a file")
+    if model in KNOWN_SHAPES:  # published shapes: exact, and no network needed
+        shape = ModelShape.from_config(LlamaConfig(**KNOWN_SHAPES[model]), name=model, lora_rank=lora_rank)
+        return shape, "its published shape"
+    try:
+        config = AutoConfig.from_pretrained(model)
+        return ModelShape.from_config(config, name=model, lora_rank=lora_rank), "the hub"
+    except (OSError, ValueError) as err:
+        raise ValueError(f"unknown model {model!r}: no local directory of that name and the hub gave no config "
+                         f"({' '.join(str(err).split())[:120]}); pass a directory holding config.json") from None
+
+
+def format_plan(shape: ModelShape, context: int, gpu_gib: float, batch: int = 1, quantization: str | None = None,
+                dtype: str = "bf16") -> tuple[str, list[dict]]:
+    """`longlora plan`'s table: the peak at `context` by component for each setting, and the longest that fits."""
+    rows = []
+    for name, options in PLAN_SETTINGS.items():
+        pred = predict(shape, context, batch=batch, quantization=quantization, dtype=dtype, **options)
+        longest = longest_context(shape, gpu_gib, batch=batch, quantization=quantization, dtype=dtype, **options)
+        rows.append(dict(setting=name, label=pred.settings.label, peak=pred.peak, fits=pred.peak <= usable_bytes(gpu_gib),
+                         components=dict(pred.components), phases=dict(pred.phases), peak_phase=pred.peak_phase,
+                         host_bytes=pred.host_bytes, longest=longest))
+    kind = "QLoRA (4-bit base)" if quantization == "4bit" else f"LoRA+ ({dtype} base)"
+    lines = [f"{shape.name}: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
+             f"{shape.heads}/{shape.kv_heads} heads, vocabulary {shape.vocab}; {kind}, batch {batch} x {context} "
+             f"tokens, one {gpu_gib:g} GiB GPU ({usable_bytes(gpu_gib) / GiB:.1f} GiB usable)"]
+    names = list(rows[0]["components"])
+    lines.append(f"{'GiB':>24}" + "".join(f"{r['setting']:>12}" for r in rows))
+    for component in names:
+        lines.append(f"{component:>24}" + "".join(f"{r['components'][component] / GiB:>12.2f}" for r in rows))
+    lines.append(f"{'peak':>24}" + "".join(f"{r['peak'] / GiB:>12.2f}" for r in rows))
+    lines.append(f"{'peak during':>24}" + "".join(f"{r['peak_phase'].split()[0]:>12}" for r in rows))
+    lines.append(f"{'fits':>24}" + "".join(f"{'yes' if r['fits'] else 'no':>12}" for r in rows))
+    lines.append(f"{'host memory':>24}" + "".join(f"{r['host_bytes'] / GiB:>12.2f}" for r in rows))
+    lines.append(f"{'longest context':>24}" + "".join(f"{_tokens(r['longest']):>12}" for r in rows))
+    lines.append("settings: " + "; ".join(f"{r['setting']} = {r['label']}" for r in rows)
+                 + ". Components are at the peak phase's context; attention is the same for S2 and full attention.")
+    return "\n".join(lines), rows
+
+
+def _tokens(n: int) -> str:
+    return "none" if n == 0 else (f"{n // 1024}k" if n % 1024 == 0 else str(n))
+
+
+def cmd_plan(model: str, context: int, gpu_memory: float = 80.0, batch: int = 1, quantization: str | None = None,
+             dtype: str = "bf16", output: str | None = None) -> list[dict]:
+    """Print the plan; a ValueError (one line, exit 2) when no setting fits or the GPU cannot hold the weights."""
+    if context < 1 or batch < 1:
+        raise ValueError(f"--context and --batch must be positive, got {context} and {batch}")
+    if gpu_memory <= 0:
+        raise ValueError(f"--gpu-memory must be positive (GiB), got {gpu_memory}")
+    if quantization not in (None, "4bit"):
+        raise ValueError(f"--quantization must be 4bit (or left out), got {quantization!r}")
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    shape, source = load_shape(model)
+    fixed = predict(shape, 1, batch=batch, quantization=quantization, dtype=dtype)
+    if fixed.fixed >= usable_bytes(gpu_memory):
+        raise ValueError(
+            f"{model}: the weights ({fixed.components['weights'] / GiB:.1f} GiB) and trainables + optimizer "
+            f"({fixed.components['trainables + optimizer'] / GiB:.1f} GiB) alone exceed the {gpu_memory:g} GiB GPU "
+            f"({usable_bytes(gpu_memory) / GiB:.1f} GiB usable); use --quantization 4bit, a bigger GPU, or shard the "
+            "model over several GPUs (DeepSpeed ZeRO-3 / FSDP)")
+    text, rows = format_plan(shape, context, gpu_memory, batch, quantization, dtype)
+    print(f"(shape from {source})\n{text}", flush=True)
+    if output:
+        from .io import write_json
+
+        write_json(output, dict(model=model, context=context, gpu_memory_gib=gpu_memory, batch=batch,
+                                quantization=quantization, dtype=dtype, rows=rows))
+    if not any(r["fits"] for r in rows):
+        best = min(rows, key=lambda r: r["peak"])
+        longest = max(r["longest"] for r in rows)
+        raise ValueError(
+            f"{model} at {context} tokens x batch {batch} needs {best['peak'] / GiB:.1f} GiB even with "
+            f"{best['label']}, more than the {gpu_memory:g} GiB GPU's {usable_bytes(gpu_memory) / GiB:.1f} GiB usable; "
+            f"the longest context that fits is {_tokens(longest)} tokens (or spread the sequence over GPUs: "
+            "--sequence-parallel N)")
+    return rows
