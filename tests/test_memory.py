@@ -337,3 +337,33 @@ def test_lean_norms_in_bfloat16_match_autograd():
     assert out.dtype == ref.dtype == torch.float32 and torch.equal(out, ref)
     torch.testing.assert_close(got_x, ref_x, rtol=1e-2, atol=1e-2)  # bf16 input gradient: one rounding apart
     torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_and_without_the_memory_settings_gives_the_same_adapter(tmp_path):
+    """`longlora train` with gradient accumulation over packed documents: the defaults (chunked loss, lean norms) and
+    every setting on give the adapter and the losses of a run with all of them off."""
+    from safetensors.torch import load_file
+
+    from longlora.config import load_config
+    from longlora.train import run_training
+    from tiny_models import save_tiny_model, stdlib_corpus
+
+    save_tiny_model(tmp_path / "base", "llama")
+    stdlib_corpus(tmp_path / "corpus", n_files=2)
+    common = ["--model", str(tmp_path / "base"), "--data", str(tmp_path / "corpus"), "--context-length", "128",
+              "--max-steps", "2", "--gradient-accumulation-steps", "2", "--learning-rate", "3e-3",
+              "--warmup-steps", "0", "--save-steps", "100", "--max-blocks", "4", "--packing", "documents"]
+    runs = {"off": ["--tiled-loss", "false", "--tiled-mlp", "false"], "defaults": [],
+            "all": ["--tiled-mlp", "true", "--offload-checkpoints", "true"]}
+    results = {}
+    for name, extra in runs.items():
+        result = run_training(load_config(TrainConfig, common + ["--output-dir", str(tmp_path / name)] + extra))
+        results[name] = (load_file(tmp_path / name / "adapter_model.safetensors"), result.summary["losses"])
+    ref, ref_losses = results["off"]
+    for name in ("defaults", "all"):
+        got, losses = results[name]
+        assert [s for s, _ in losses] == [s for s, _ in ref_losses] == [1, 2]
+        for (_, a), (_, b) in zip(losses, ref_losses):
+            assert a == pytest.approx(b, rel=1e-5)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6)
