@@ -253,7 +253,7 @@ def _install_tiled_loss(base, plan: MemoryPlan) -> list:
 
     def after(module, args, kwargs, output):
         call = calls.pop() if calls else None
-        if call is None or isinstance(output, BaseException):
+        if call is None or output is None:  # (None: the forward raised; its exception goes on)
             return None
         if call.hidden is None:
             raise RuntimeError(f"tiled_loss: the decoder of {type(module).__name__} returned no hidden states; set "
@@ -504,7 +504,7 @@ class _HostCopy:
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
             with torch.cuda.stream(stream):
-                self.host.copy_(tensor, non_blocking=True)
+                self.host.copy_(tensor.detach(), non_blocking=True)
             tensor.record_stream(stream)  # its memory is not reused before the copy has read it
         else:  # a CPU model: nothing is saved, but the path (and its exactness) is the CUDA one
             self.host = tensor.detach().clone()
