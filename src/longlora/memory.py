@@ -27,7 +27,6 @@ are untouched.
 
 from __future__ import annotations
 
-import copy
 import os
 import types
 import weakref
@@ -368,11 +367,16 @@ def lean_norm_modules(model) -> list[nn.Module]:
 
 
 def _same_as_llama_norm(norm: nn.Module) -> bool:
-    x = torch.randn(3, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(norm.weight)
-    weight = torch.linspace(0.5, 1.5, norm.weight.shape[0]).to(norm.weight)
+    """Whether the class's forward computes Llama's RMSNorm, on a probe instance with a weight of its own (the
+    norm's may be a ZeRO-3 shard, empty outside its forward)."""
+    size = int(getattr(norm.weight, "ds_shape", norm.weight.shape)[0])
+    dtype = norm.weight.dtype
+    x = torch.randn(3, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    probe = type(norm).__new__(type(norm))
+    nn.Module.__init__(probe)
+    probe.variance_epsilon = norm.variance_epsilon
+    probe.weight = nn.Parameter(torch.linspace(0.5, 1.5, size).to(dtype), requires_grad=False)
     with torch.no_grad():
-        probe = copy.deepcopy(norm)
-        probe.weight.copy_(weight)
         try:
             theirs = type(norm).forward(probe, x)
         except Exception:  # noqa: BLE001 - a norm with another signature is simply not made lean
