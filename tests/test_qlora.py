@@ -20,6 +20,7 @@ from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
 from longlora.modeling import check_bitsandbytes
 from longlora.train import RUN_CONFIG, SUMMARY, latest_complete_checkpoint, run_training
+from test_train import StopAt
 from tiny_models import LAYERS, save_tiny_model, stdlib_corpus
 
 
@@ -74,14 +75,6 @@ class Inspect(TrainerCallback):
         self._hooks = []
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
 
 
 @pytest.fixture(scope="module")

@@ -307,10 +307,24 @@ class _Undo:
         self.remove = fn
 
 
+def _override_forward(module: nn.Module, forward) -> _Undo:
+    """Give this instance `forward` (a function of (self, ...)); the _Undo puts back what it had before (the class's
+    forward, or a wrapper an earlier tool set on the instance)."""
+    had_own, before = "forward" in module.__dict__, module.forward
+    module.forward = types.MethodType(forward, module)
+
+    def undo():
+        if had_own:
+            module.forward = before
+        else:
+            del module.forward
+
+    return _Undo(undo)
+
+
 def _tile_mlp(mlp: nn.Module, plan: MemoryPlan) -> _Undo:
     """Give this MLP instance a forward that runs the original over tiles of tokens (each under checkpointing)."""
     original = mlp.forward  # bound: the class's forward, or a wrapper an earlier tool put on the instance
-    had_own = "forward" in mlp.__dict__
     intermediate = max((getattr(m, "out_features", 0) for m in mlp.modules() if isinstance(m, nn.Linear)), default=1)
     keep_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules())
 
@@ -326,15 +340,7 @@ def _tile_mlp(mlp: nn.Module, plan: MemoryPlan) -> _Undo:
                 for s in range(0, tokens, tile)]
         return torch.cat(outs).reshape(*x.shape[:-1], -1)
 
-    mlp.forward = types.MethodType(tiled_forward, mlp)
-
-    def undo():
-        if had_own:
-            mlp.forward = original
-        else:
-            del mlp.forward
-
-    return _Undo(undo)
+    return _override_forward(mlp, tiled_forward)
 
 
 def _activation_itemsize(x: torch.Tensor) -> int:
@@ -387,22 +393,13 @@ def _same_as_llama_norm(norm: nn.Module) -> bool:
 
 def _lean_norm(norm: nn.Module) -> _Undo:
     original = norm.forward
-    had_own = "forward" in norm.__dict__
 
     def lean_forward(self, x, *args, **kwargs):
         if args or kwargs or not (self.training and torch.is_grad_enabled()):
             return original(x, *args, **kwargs)
         return _LeanRMSNorm.apply(x, self.weight, self.variance_epsilon)
 
-    norm.forward = types.MethodType(lean_forward, norm)
-
-    def undo():
-        if had_own:
-            norm.forward = original
-        else:
-            del norm.forward
-
-    return _Undo(undo)
+    return _override_forward(norm, lean_forward)
 
 
 NORM_ROWS = 1024

@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .memory import LOSS_CHUNK_BYTES, loss_chunk_tokens, mlp_tile_tokens
+from .memory import loss_chunk_tokens as default_chunk  # (predict has an option of that name)
+from .memory import mlp_tile_tokens
 
 GiB = 2**30
 RESERVED_BYTES = 2 * GiB
@@ -240,7 +241,7 @@ def predict(shape: ModelShape, context: int, *, dtype: str = "bf16", quantizatio
 
     # the loss
     if tiled_loss:
-        chunk = min(loss_chunk_tokens or loss_chunk_tokens_for(v), n)
+        chunk = min(loss_chunk_tokens or default_chunk(v), n)
         working = 12 * chunk * v  # a chunk's float32 logits, log-softmax and their gradients
         per_token = LOSS[s]["hidden"] * h + LOSS[s]["head_dim"] * shape.head_dim + LOSS[s]["const"]
         loss = working + n * per_token
@@ -255,10 +256,6 @@ def predict(shape: ModelShape, context: int, *, dtype: str = "bf16", quantizatio
     # every trainable's gradient, and AdamW's temporaries (its foreach updates): about one more copy
     out.phases["optimizer step"] = trainable * 4 * 2
     return out
-
-
-def loss_chunk_tokens_for(vocab: int) -> int:
-    return loss_chunk_tokens(vocab, LOSS_CHUNK_BYTES)
 
 
 def _mlp_tile(shape: ModelShape, settings: Settings, tokens: int) -> int | None:
