@@ -260,6 +260,15 @@ def test_offload_packs_each_layer_input_once_and_frees_it():
     out.loss.backward()
     del out
     assert offloader.host_bytes == 0
+    # the Trainer enables gradient checkpointing again after the plan is on: the new checkpoint function offloads too
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = model(**batch, use_cache=False)
+    assert offloader.host_bytes == 2 * (2 * LENGTH * hidden * 4)
+    del out
+    assert offloader.host_bytes == 0
+    remove_memory_plan(model)
+    out = model(**batch, use_cache=False)
+    assert offloader.host_bytes == 0
 
 
 def test_offload_needs_gradient_checkpointing_and_host_memory(tmp_path):

@@ -15,7 +15,11 @@ then PEFT's `ensure_weight_tying` keeps the trained embedding and lm_head one te
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+
+from packaging.version import Version
 
 import torch
 from torch import nn
@@ -37,12 +41,34 @@ ATTENTION_LAYOUTS: dict[frozenset[str], list[str]] = {
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
+_PEFT_FORWARD_SKIPS_HOOKS = Version(version("peft")) < Version("0.21")  # see route_forward_through_hooks
 _NORM_SUFFIXES = ("RMSNorm", "LayerNorm")  # LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, T5LayerNorm, ...
 
 
 def base_model(model) -> nn.Module:
     """The transformers model, also through a PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _tuner_calls_its_model(self, *args, **kwargs):
+    return self.model(*args, **kwargs)
+
+
+def route_forward_through_hooks(model):
+    """Make a PEFT model's forward reach the transformers model through `__call__`; returns `model`.
+
+    S2-Attn, the memory plan and sequence parallelism act through forward hooks on the transformers model. PEFT
+    before 0.21 has its tuner (LoraModel) call `self.model.forward(...)`, which skips those hooks: the training step
+    then silently ran with transformers' (L, L) mask and the full (L, V) logits. PEFT 0.21 calls `self.model(...)`;
+    for older releases this instance gets that forward (per instance, no class patched; a no-op from 0.21 on).
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+
+    tuner = getattr(model, "base_model", None)
+    if (hasattr(model, "get_base_model") and isinstance(tuner, BaseTuner) and "forward" not in tuner.__dict__
+            and type(tuner).forward is BaseTuner.forward and _PEFT_FORWARD_SKIPS_HOOKS):
+        tuner.forward = types.MethodType(_tuner_calls_its_model, tuner)
+    return model
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -183,7 +209,7 @@ def apply_lora_plus(
         modules_to_save=modules_to_save or None,
         ensure_weight_tying=embedding_trained and has_tied_embeddings(model),
     )
-    return get_peft_model(model, config)
+    return route_forward_through_hooks(get_peft_model(model, config))
 
 
 def trainable_parameter_counts(model) -> dict[str, int]:

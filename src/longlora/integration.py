@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .adapters import base_model
+from .adapters import base_model, route_forward_through_hooks
 from .attention import BACKENDS, group_size_from_ratio, s2_attention, token_layout
 
 S2_ATTENTION = "s2_sdpa"
@@ -280,7 +280,7 @@ def set_attention(model, implementation: str, settings: S2Settings):
     """Check the model supports S2, switch it to the registered attention `implementation` and give every attention
     layer `settings`; returns the transformers model (under a PEFT wrapper too)."""
     check_s2_support(model)
-    base = base_model(model)
+    base = base_model(route_forward_through_hooks(model))
     base.set_attn_implementation(implementation)
     for module in attention_modules(model):
         module.s2_settings = settings

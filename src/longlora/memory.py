@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import base_model
+from .adapters import base_model, route_forward_through_hooks
 
 LOSS_CHUNK_BYTES = 64 * 2**20
 """Float32 logits of one loss chunk (the chunk's working set, logits + log-softmax + their gradients, is ~4x)."""
@@ -117,7 +117,7 @@ def apply_memory_plan(model, tiled_loss: bool = True, tiled_mlp: str | bool = "a
                       lean_norms=bool(lean_norms), loss_chunk_tokens=loss_chunk_tokens,
                       mlp_tile_tokens=mlp_tile_tokens)
     remove_memory_plan(model)
-    base = base_model(model)
+    base = base_model(route_forward_through_hooks(model))
     if plan.tiled_loss:
         plan._handles += _install_tiled_loss(base, plan)
     if plan.tiled_mlp is not False:
@@ -134,7 +134,7 @@ def apply_memory_plan(model, tiled_loss: bool = True, tiled_mlp: str | bool = "a
             raise ValueError(f"offload_checkpoints: {type(base).__name__} has no decoder layers that transformers' "
                              "gradient checkpointing runs; set offload_checkpoints false")
         plan._offloader = HostOffloader()
-        plan._handles += _install_offload(layers, plan._offloader)
+        plan._handles += _install_offload(base, layers, plan._offloader)
     setattr(base, _PLAN_ATTRIBUTE, plan)
     return model
 
@@ -463,7 +463,7 @@ def checkpointed_layers(model) -> list[nn.Module]:
 class HostOffloader:
     """saved_tensors_hooks that keep what they are given in host memory (pinned when it comes from CUDA).
 
-    Installed around a checkpointed layer's call, they receive exactly the layer's saved inputs: torch's
+    Installed around a layer's checkpoint call, they receive exactly the layer's saved inputs: torch's
     non-reentrant checkpoint saves its inputs under the hooks of the caller and its own recompute placeholders
     under its own, innermost, hooks. `host_bytes` counts the bytes held on the host now (benchmarks read it).
     """
@@ -538,27 +538,40 @@ def _release(owner: HostOffloader, nbytes: int) -> None:
     owner.host_bytes -= nbytes
 
 
-def _install_offload(layers: list[nn.Module], offloader: HostOffloader) -> list:
-    handles = []
-    active: list = []  # the hooks context of each layer call in progress
+def _install_offload(base: nn.Module, layers: list[nn.Module], offloader: HostOffloader) -> list:
+    """Run each layer's checkpoint function under the offloader's saved-tensor hooks.
 
-    def entering(module, args, kwargs):
-        if module.training and getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
-            context = torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack)
-            context.__enter__()
-            active.append(context)
-        else:
-            active.append(None)
+    The hooks must be entered outside the checkpoint call, where it saves the layer's inputs: transformers before
+    5.23 checkpoints the whole `__call__` (the layer's own forward hooks run inside the checkpoint, where they would
+    see every activation), later releases checkpoint `forward`. Both call the layer's `_gradient_checkpointing_func`,
+    so that is what is wrapped; a forward pre-hook on the model wraps it again should `gradient_checkpointing_enable`
+    (the Trainer calls it) have set a new one since.
+    """
 
-    def leaving(module, args, kwargs, output):  # always_call: also when the layer raised
-        context = active.pop() if active else None
-        if context is not None:
-            context.__exit__(None, None, None)
+    def offloading(checkpoint_func):
+        def run(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+                return checkpoint_func(*args, **kwargs)
 
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(entering, with_kwargs=True))
-        handles.append(layer.register_forward_hook(leaving, with_kwargs=True, always_call=True))
-    return handles
+        run.unwrapped = checkpoint_func
+        return run
+
+    def wrap(*_):
+        for layer in layers:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if func is not None and getattr(func, "unwrapped", None) is None:
+                layer._gradient_checkpointing_func = offloading(func)
+
+    def unwrap():
+        handle.remove()
+        for layer in layers:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(func, "unwrapped", None) is not None:
+                layer._gradient_checkpointing_func = func.unwrapped
+
+    wrap()
+    handle = base.register_forward_pre_hook(wrap)
+    return [_Undo(unwrap)]
 
 
 def offload_host_bytes(config, tokens: int, itemsize: int) -> int:
