@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from s2_reference import ReferenceKernel  # noqa: E402
 from tiny_models import tiny_config  # noqa: E402
 
-from longlora import attention_varlen, sequence_parallel  # noqa: E402
+from longlora import sequence_parallel  # noqa: E402
+from longlora.attention import varlen as attention_varlen  # noqa: E402
 from longlora.adapters import apply_lora_plus  # noqa: E402
 from longlora.memory import apply_memory_plan  # noqa: E402
 from longlora.attention import use_backend  # noqa: E402

@@ -214,7 +214,7 @@ def test_flash_backend_matches_sdpa_backend_on_gpu():
 @pytest.fixture(params=["cpu", "sdpa"])
 def regular_path(request, monkeypatch):
     """Run a test through each implementation of the regular (unpadded, unpacked) CPU layout, by the backend switch."""
-    from longlora import attention_cpu
+    from longlora.attention import cpu as attention_cpu
 
     if request.param == "cpu":
         monkeypatch.setattr(attention_cpu, "_BWD_MIN_TILE", 4)  # several backward tiles per group at test sizes
@@ -232,7 +232,7 @@ def test_both_regular_paths_match_reference(regular_path, b, hq, hk, length, gro
 
 
 def test_cpu_flash_function_gradients_keep_input_layout_and_match_composed_path(monkeypatch):
-    from longlora import attention_cpu
+    from longlora.attention import cpu as attention_cpu
 
     q, k, v = rand_qkv(2, 6, 2, 96, dtype=torch.float32)
     q2, k2, v2 = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
@@ -259,7 +259,7 @@ def _reference_grads(q, k, v, group, grad_out):
 @pytest.mark.parametrize("min_tile", [4, 128])
 def test_gradient_written_over_a_dropped_output_is_exact(monkeypatch, min_tile):
     """The caller keeps no output (the usual training graph): dq is written over the saved output, still exact."""
-    from longlora import attention_cpu
+    from longlora.attention import cpu as attention_cpu
 
     if not attention_cpu.output_reuse_supported():
         pytest.skip("this torch cannot tell a dropped output from a held one: no reuse, nothing to check")
@@ -291,7 +291,8 @@ def test_output_kept_by_the_caller_is_not_overwritten():
 def test_retained_graph_second_backward_is_exact_or_says_what_to_do(monkeypatch):
     from contextlib import nullcontext
 
-    from longlora import attention, attention_cpu
+    from longlora import attention
+    from longlora.attention import cpu as attention_cpu
 
     q, k, v = rand_qkv(1, 4, 2, 64)
     # square() keeps the output for its own backward: not private, left alone, so a second backward is exact
@@ -342,7 +343,7 @@ def test_peak_memory_of_forward_and_backward_is_not_above_full_sdpa():
     import importlib.util
     from pathlib import Path
 
-    from longlora.attention_cpu import output_reuse_supported
+    from longlora.attention.cpu import output_reuse_supported
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "_measure.py"
     spec = importlib.util.spec_from_file_location("_measure", path)
@@ -363,7 +364,7 @@ def test_peak_memory_of_forward_and_backward_is_not_above_full_sdpa():
 
 
 def test_backward_calls_cover_every_group_and_head_once_and_fill_the_threads():
-    from longlora.attention_cpu import _backward_calls
+    from longlora.attention.cpu import _backward_calls
 
     for count, hq, hkv, threads in [(3, 4, 1, 2), (4, 4, 1, 2), (3, 8, 2, 4), (5, 6, 3, 2), (3, 4, 4, 2), (1, 4, 1, 1)]:
         cells = []
@@ -378,7 +379,7 @@ def test_backward_calls_cover_every_group_and_head_once_and_fill_the_threads():
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_gradients_exact_for_every_thread_count(monkeypatch, threads):
-    from longlora import attention_cpu
+    from longlora.attention import cpu as attention_cpu
 
     monkeypatch.setattr(attention_cpu, "_kernel_threads", lambda: threads)
     q, k, v = rand_qkv(1, 8, 2, 96)
@@ -403,7 +404,7 @@ def test_backend_switch_validates_and_restores():
 
 def test_lazy_calibration_runs_outside_the_callers_saved_tensor_hooks(monkeypatch):
     """First use inside saved-tensor hooks (as under activation checkpointing) calibrates as it would alone."""
-    from longlora import attention_cpu
+    from longlora.attention import cpu as attention_cpu
 
     expected = attention_cpu._calibrate_private_use_count()
     monkeypatch.setattr(attention_cpu, "_CALIBRATION", [])
@@ -418,7 +419,7 @@ def test_lazy_calibration_runs_outside_the_callers_saved_tensor_hooks(monkeypatc
 def test_cpu_row_prefix_equals_the_longer_sequence(hq, hk, length, group, start, chunk):
     """s2_cpu_flash(prefix=...) (sequence parallelism on CPU) on a cut of a sequence = S2 over the whole sequence at
     the cut's rows (s2_reference.check_row_prefix)."""
-    from longlora.attention_cpu import s2_cpu_flash
+    from longlora.attention.cpu import s2_cpu_flash
 
     check_row_prefix(lambda q, k, v, prefix: s2_cpu_flash(q, k, v, group, hq // 2, None, prefix=prefix),
                      *rand_qkv(2, hq, hk, length), group, start, chunk)

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from longlora import attention_varlen
+from longlora.attention import varlen as attention_varlen
 from longlora.attention import s2_attention, token_layout, use_backend
 from s2_reference import (ROW_PREFIX_CASES, ReferenceKernel, SlicePrefix, check_row_prefix, reference_attention,
                           reference_mask, segment_attention)
@@ -127,8 +127,8 @@ def test_layout_segments_are_cut_once_per_layout(kernel, monkeypatch):
     from longlora import attention
 
     cuts = []
-    cut = attention._cut_segments
-    monkeypatch.setattr(attention, "_cut_segments", lambda *a: cuts.append(a[1:]) or cut(*a))
+    cut = attention.layout._cut_segments
+    monkeypatch.setattr(attention.layout, "_cut_segments", lambda *a: cuts.append(a[1:]) or cut(*a))
     q, k, v = rand_qkv(1, 4, 2, 40)
     real = (torch.arange(40) >= 5)[None]
     layout = token_layout(1, 40, q.device, attention_mask=real)

@@ -301,9 +301,9 @@ def test_layout_is_built_once_per_forward_and_reused_by_every_layer(monkeypatch)
     from longlora import attention, integration
 
     built, cut = [], []
-    layout_from_mask, cut_segments = integration._layout_from_mask, attention._cut_segments
+    layout_from_mask, cut_segments = integration._layout_from_mask, attention.layout._cut_segments
     monkeypatch.setattr(integration, "_layout_from_mask", lambda *a: built.append(1) or layout_from_mask(*a))
-    monkeypatch.setattr(attention, "_cut_segments", lambda *a: cut.append(a[1:]) or cut_segments(*a))
+    monkeypatch.setattr(attention.layout, "_cut_segments", lambda *a: cut.append(a[1:]) or cut_segments(*a))
     model = build("llama", num_hidden_layers=3)
     longlora.enable_s2_attention(model, group_size=GROUP)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -267,7 +267,7 @@ def test_offload_packs_each_layer_input_once_and_frees_it():
     del out
     assert offloader.host_bytes == 0
     remove_memory_plan(model)
-    out = model(**batch, use_cache=False)
+    model(**batch, use_cache=False)
     assert offloader.host_bytes == 0
 
 

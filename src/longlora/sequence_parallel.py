@@ -15,7 +15,7 @@ Point-to-point ops of torch.distributed (gloo on CPU, NCCL on GPU) move those ke
 gradients back (`_fetch_halos`, `_return_halo_grads`). Two ways to attend:
 - on CPU (any batch: regular, padded, packed) and on CUDA with torch's varlen kernels (regular batches): each row
   of the chunk is an S2 row whose first segment per head half continues the halo; the kernels' autograd Function
-  (longlora.attention_cpu, longlora.attention_varlen) takes the halo as a row prefix (`_ChunkPrefix`), fetching it
+  (longlora.attention.cpu, longlora.attention.varlen) takes the halo as a row prefix (`_ChunkPrefix`), fetching it
   in its forward and returning its gradients in its backward: one output, no copies (per-rank memory = one
   process's / N + the halo);
 - otherwise (padded or packed batches on CUDA, other backends): `_HaloExchange` builds [halo ; chunk] key/value
@@ -47,8 +47,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from . import attention
 from .adapters import base_model
 from .attention import TokenLayout, group_segments, resolve_backend, s2_attention, token_layout
-from .attention_cpu import s2_cpu_flash
-from .attention_varlen import prefix_supported, s2_varlen
+from .attention.cpu import s2_cpu_flash
+from .attention.varlen import prefix_supported, s2_varlen
 from .integration import (
     S2Settings, s2_attention_forward, s2_mask, set_attention,
 )
@@ -356,7 +356,7 @@ class _HaloExchange(torch.autograd.Function):
 
 
 class _ChunkPrefix:
-    """The halo as the kernels' `RowPrefix` (longlora.attention_cpu, attention_varlen): fetched inside the S2
+    """The halo as the kernels' `RowPrefix` (longlora.attention.cpu, attention.varlen): fetched inside the S2
     Function's forward, its gradients returned inside its backward, straight into the Function's own dk/dv (no
     [halo ; chunk] copies)."""
 

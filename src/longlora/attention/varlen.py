@@ -24,9 +24,8 @@ import functools
 import inspect
 
 import torch
-import torch.nn.functional as F
 
-from .attention import Segments, TokenLayout, group_segments, head_blocks, merge_attention
+from .layout import TokenLayout, head_blocks, merge_attention, regular_cu_seqlens, segment_cu_seqlens
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -201,42 +200,10 @@ def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None
                      "torch's varlen_attn cannot take); use backend='auto'.")
 
 
-_REGULAR_CU: dict[tuple, tuple[torch.Tensor, int]] = {}
-
-
-def regular_cu_seqlens(batch: int, length: int, group_size: int, shift: int, device: torch.device):
-    """cu_seqlens (int32, on device) and the longest segment of a regular layout: rows after one another, each cut
-    at 0, G, 2G, ... (shift 0) or 0, G/2, 3G/2, ..., L (shift G/2). Built from integers once, then cached."""
-    key = (batch, length, group_size, shift, str(device))
-    if key not in _REGULAR_CU:
-        if len(_REGULAR_CU) >= 256:  # many distinct shapes (variable-length batches): start over
-            _REGULAR_CU.clear()
-        row = [0] + list(range(shift or group_size, length, group_size)) + [length]
-        bounds = [b * length + x for b in range(batch) for x in row[:-1]] + [batch * length]
-        host = torch.tensor(bounds, dtype=torch.int32)
-        if device.type == "cuda":  # pinned + non_blocking: the copy does not block the host
-            cu = host.pin_memory().to(device, non_blocking=True)
-        else:
-            cu = host.to(device)
-        _REGULAR_CU[key] = (cu, max(z - a for a, z in zip(row[:-1], row[1:])))
-    return _REGULAR_CU[key]
-
-
-def segment_cu_seqlens(layout: TokenLayout, group_size: int, shift: int) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of a layout's segments (padding and packed documents), cached on the layout. The longest segment
-    is bounded by G, passed as the kernel's maximum without reading the lengths on the host."""
-    key = ("cu_seqlens", group_size, shift)
-    if key not in layout.cache:
-        segs: Segments = group_segments(layout, group_size, shift)
-        cu = F.pad(segs.lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (S+1,)
-        layout.cache[key] = (cu, min(group_size, layout.length))
-    return layout.cache[key]
-
-
 class _S2Varlen(torch.autograd.Function):
     """One kernel call per head block into one output; the backward writes one dq and accumulates dk/dv.
 
-    With a `RowPrefix` (longlora.attention_cpu; regular layouts, rows of C tokens): each block's first segment of
+    With a `RowPrefix` (longlora.attention.cpu; regular layouts, rows of C tokens): each block's first segment of
     every row also attends to the prefix keys: a second, unmasked call whose output and logsumexp are merged into
     those rows, and one more backward call. The prefix is fetched in the forward and its gradients given back in the
     backward (sequence parallelism: the halo, exchanged inside the Function).

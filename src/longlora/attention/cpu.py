@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .attention import TokenLayout, group_runs, head_blocks, merge_attention
+from .layout import TokenLayout, group_runs, head_blocks, merge_attention
 
 _CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The backward kernel returns freshly allocated dq/dk/dv for the rows it is given: cutting each group into
