@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
-from longlora.modeling import check_bitsandbytes
+from longlora.quantization import check_bitsandbytes
 from longlora.train import RUN_CONFIG, SUMMARY, latest_complete_checkpoint, run_training
 from test_train import StopAt
 from tiny_models import LAYERS, save_tiny_model, stdlib_corpus
@@ -164,7 +164,8 @@ def test_merge_goes_onto_the_dequantized_base(ws, tmp_path):
     from peft import PeftModel
 
     from longlora.merge import merge_and_check
-    from longlora.modeling import keep_4bit_layers_unpacked, qlora_quantization_config, resolve_checkpoint
+    from longlora.modeling import resolve_checkpoint
+    from longlora.quantization import keep_4bit_layers_unpacked, qlora_quantization_config
 
     adapter = ws.root / "straight"
     _, report = merge_and_check(adapter=adapter, output=tmp_path / "merged", dtype="float32")

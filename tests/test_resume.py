@@ -1,7 +1,7 @@
 """Kill a run anywhere, resume it with `--resume auto`: the result is the uninterrupted run's, bit for bit.
 
 A run (tiny Llama, 6 steps, a checkpoint every 2) is SIGKILLed in a subprocess at a chosen moment through the
-LONGLORA_TEST_KILL hook (longlora.train._kill_point), then resumed until it finishes. Its final adapter must have the
+LONGLORA_TEST_KILL hook (longlora.checkpoints.kill_point), then resumed until it finishes. Its final adapter must have the
 same bytes as an uninterrupted run's, and its train_summary.json the same content (all but the wall time). Also:
 `--resume auto` on a finished run writes nothing, a finished checkpoint becomes the final output without training a
 step, and a damaged newest checkpoint is skipped for the newest one that loads.

@@ -271,6 +271,10 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
     return config_path, values
 
 
+RUN_CONFIG = "longlora_config.yaml"
+"""The resolved options, saved in the output directory and in every checkpoint."""
+
+
 def load_config(cls, args: list[str] | None = None, **overrides):
     """Build `cls` from an optional YAML file, `--key value` arguments and keyword overrides (in that order)."""
     import yaml

@@ -7,33 +7,22 @@ The data path reads top to bottom: options -> checks (before any heavy work) -> 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import signal
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TrainConfig, save_config
+from .checkpoints import (  # noqa: F401 - COMPLETE, KILL_ENV, checkpoint_problems, damaged_safetensors: this module's API too
+    COMPLETE, KILL_ENV, SUMMARY, checkpoint_problems, checkpoint_step, damaged_safetensors, final_files, kill_point,
+    latest_complete_checkpoint, resume_from, summary_of, write_run_files,
+)
+from .config import RUN_CONFIG, TrainConfig, save_config
 from .io import move_into, replace_directory
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG = "longlora_config.yaml"
-"""The resolved options, saved in the output directory and in every checkpoint."""
-SUMMARY = "train_summary.json"
-COMPLETE = ".longlora_complete"
-"""Marker written last into a checkpoint; resume ignores checkpoints without it."""
-KILL_ENV = "LONGLORA_TEST_KILL"
-"""Test hook (see `_kill_point`): the moment at which a test wants this process SIGKILLed."""
-# Files of a checkpoint that only resuming needs; the rest of it (weights, tokenizer, configs) is the final output.
-_RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng_state", "trainer_state.json", "global_step", "latest",
-                "zero_to_fp32.py", "zero_to_torch.py", "pytorch_model_fsdp", COMPLETE)
-
 
 @dataclass
 class TrainResult:
@@ -71,7 +60,7 @@ def check_paths(config: TrainConfig) -> None:
             "--overwrite-output-dir true to reuse it, or choose another --output-dir."
         )
     if config.quantization == "4bit":
-        from .modeling import check_bitsandbytes
+        from .quantization import check_bitsandbytes
 
         check_bitsandbytes(_training_device(config))
 
@@ -178,12 +167,12 @@ def load_training_model(config: TrainConfig, model_config):
     weights_dtype, compute = load_dtype(config), compute_dtype(config)
     kwargs: dict[str, Any] = dict(config=model_config, attn_implementation="sdpa", dtype=weights_dtype, **gguf)
     if config.quantization == "4bit":
-        from .modeling import qlora_quantization_config
+        from .quantization import qlora_quantization_config
 
         kwargs["quantization_config"] = qlora_quantization_config(compute)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if config.quantization == "4bit":
-        from .modeling import keep_4bit_layers_unpacked
+        from .quantization import keep_4bit_layers_unpacked
 
         keep_4bit_layers_unpacked(model)
     if config.attention != "full":
@@ -246,30 +235,6 @@ def build_pretraining_data(config: TrainConfig, tokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _kill_point(moment: str) -> None:
-    """Crash-test hook, inert unless LONGLORA_TEST_KILL names `moment`: then this process SIGKILLs itself there.
-
-    Moments: mid-step-N (step N's backward done, its optimizer step not), checkpoint-N-staging (checkpoint N's
-    staging directory exists, nothing in it), checkpoint-N-optimizer (weights and optimizer.pt written, trainer
-    state and completion marker not), final-save (the final output half moved into output_dir). tests/test_resume.py
-    kills runs at each of them and checks that `--resume auto` finishes them exactly.
-    """
-    if os.environ.get(KILL_ENV) == moment:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_run_files(directory: str | Path, model, tokenizer, config: TrainConfig) -> None:
-    """What makes a checkpoint (or the final output) self-contained: tokenizer, interpolated config, options."""
-    from .modeling import finalize_saved_files, model_config
-
-    tokenizer.save_pretrained(directory)
-    if config.finetune != "full":
-        # the base config *with* position interpolation: merge and eval read the trained context from it
-        model_config(model).save_pretrained(directory)
-    finalize_saved_files(directory)  # legacy RoPE keys for transformers 4.x readers, no junk tokenizer keys
-    save_config(config, Path(directory) / RUN_CONFIG)
-
-
 def _make_trainer_class():
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -297,7 +262,7 @@ def _make_trainer_class():
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
-            _kill_point(f"mid-step-{self.state.global_step + 1}")
+            kill_point(f"mid-step-{self.state.global_step + 1}")
             return loss
 
         def _get_output_dir(self, trial):
@@ -305,7 +270,7 @@ def _make_trainer_class():
 
         def _save_optimizer_and_scheduler(self, output_dir):
             super()._save_optimizer_and_scheduler(output_dir)
-            _kill_point(f"checkpoint-{self.state.global_step}-optimizer")
+            kill_point(f"checkpoint-{self.state.global_step}-optimizer")
 
         def _save_checkpoint(self, model, trial):
             run_dir = super()._get_output_dir(trial)
@@ -315,7 +280,7 @@ def _make_trainer_class():
             if self.args.should_save:
                 shutil.rmtree(staged, ignore_errors=True)  # files of an attempt killed earlier
                 os.makedirs(staged)
-                _kill_point(f"{name}-staging")
+                kill_point(f"{name}-staging")
             self.accelerator.wait_for_everyone()
             self._staging = staging
             try:
@@ -324,7 +289,7 @@ def _make_trainer_class():
                 self._staging = None
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                _write_run_files(staged, self.model, self._run_tokenizer, self._run_config)
+                write_run_files(staged, self.model, self._run_tokenizer, self._run_config)
                 from .io import write_json
 
                 write_json(Path(staged, SUMMARY), self._run_summary(self.state))
@@ -340,129 +305,6 @@ def _make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return LongLoRATrainer
-
-
-def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint-N directory holding the completion marker (interrupted ones are skipped)."""
-    found = _complete_checkpoints(output_dir)
-    return str(found[0]) if found else None
-
-
-def _complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoint-N directories holding the completion marker, newest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE).exists()
-            and p.name.split("-")[-1].isdigit()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-
-
-def checkpoint_problems(checkpoint: str | Path) -> list[str]:
-    """Why a checkpoint cannot be resumed from; empty when its files load.
-
-    Cheap checks that catch truncated and missing files without reading the tensors: the trainer state parses, every
-    safetensors file is exactly as long as its header says, every torch.save file (optimizer, scheduler, RNG state)
-    is a readable zip archive (its index is written last), and the weights and the optimizer state are there.
-    """
-    directory = Path(checkpoint)
-    if not directory.is_dir():
-        return [f"{directory} is not a directory"]
-    problems = []
-    try:
-        int(json.loads((directory / "trainer_state.json").read_text())["global_step"])
-    except FileNotFoundError:
-        problems.append("trainer_state.json is missing")
-    except (ValueError, KeyError, TypeError):
-        problems.append("trainer_state.json is damaged")
-    safetensors = sorted(directory.glob("*.safetensors"))
-    if not safetensors and not any(directory.glob("*model*.bin")) and not any(directory.glob("global_step*")):
-        problems.append("it holds no model weights (adapter_model.safetensors / model.safetensors)")
-    problems += [p for p in map(_safetensors_problem, safetensors) if p]
-    for index in directory.glob("*.safetensors.index.json"):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            problems.append(f"{index.name} is damaged")
-            continue
-        problems += [f"{shard} (listed in {index.name}) is missing" for shard in sorted(shards)
-                     if not (directory / shard).is_file()]
-    if not any(directory.glob("optimizer*")) and not any(directory.glob("global_step*")):
-        problems.append("optimizer.pt is missing")
-    for f in sorted([*directory.glob("*.pt"), *directory.glob("*.pth"), *directory.glob("*.bin")]):
-        try:
-            with zipfile.ZipFile(f):
-                pass
-        except (zipfile.BadZipFile, OSError):
-            problems.append(f"{f.name} is truncated or damaged ({f.stat().st_size} bytes)")
-    return problems
-
-
-def damaged_safetensors(paths) -> str | None:
-    """The first problem of the .safetensors files among `paths` (files, or directories holding them), else None."""
-    for path in map(Path, paths):
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] * (path.suffix == ".safetensors")
-        for f in files:
-            problem = _safetensors_problem(f)
-            if problem:
-                return f"{f.parent}/{problem}"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if size < 8 or header_len > size - 8:
-                return f"{path.name} is truncated ({size} bytes)"
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return f"{path.name} has a damaged header"
-    expected = 8 + header_len + end
-    if size < expected:
-        return f"{path.name} is truncated ({size} of {expected} bytes)"
-    if size > expected:
-        return f"{path.name} is damaged ({size} bytes, its header describes {expected})"
-    return None
-
-
-def _checkpoint_step(checkpoint: str | Path) -> int:
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
-
-
-def _resume_from(config: TrainConfig) -> str | None:
-    """The checkpoint to resume from: checked to load; with `auto`, the newest complete one that loads."""
-    if not config.resume:
-        return None
-    if config.resume == "auto":
-        found = _complete_checkpoints(config.output_dir)
-        if not found:
-            print(f"resume auto: no complete checkpoint in {config.output_dir}; starting from scratch", flush=True)
-            return None
-        damaged = []
-        for checkpoint in found:
-            problems = checkpoint_problems(checkpoint)
-            if not problems:
-                if damaged:
-                    print(f"resume auto: {'; '.join(damaged)}; falling back to {checkpoint.name}", flush=True)
-                return str(checkpoint)
-            damaged.append(f"{checkpoint.name} does not load ({', '.join(problems)})")
-        more = f" (and {len(found) - 1} older one(s) do not either)" if len(found) > 1 else ""
-        raise ValueError(
-            f"resume auto: no checkpoint in {config.output_dir} loads: {damaged[0]}{more}. Remove the damaged "
-            "checkpoint directories to start the run again, or choose another --output-dir"
-        )
-    if not Path(config.resume).is_dir():
-        raise ValueError(f"resume: {config.resume} is not a directory; pass a checkpoint-N directory or --resume auto")
-    if not (Path(config.resume) / COMPLETE).exists() and not Path(config.resume, "trainer_state.json").exists():
-        raise ValueError(f"resume: {config.resume!r} is not a complete checkpoint directory")
-    problems = checkpoint_problems(config.resume)
-    if problems:
-        raise ValueError(f"resume: {config.resume} does not load ({', '.join(problems)}); pass an older checkpoint "
-                         "or --resume auto")
-    return config.resume
 
 
 def training_arguments(config: TrainConfig):
@@ -513,9 +355,9 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
 
     build_data = build_data or build_pretraining_data
     check_paths(config)
-    resume = _resume_from(config)
+    resume = resume_from(config)
     if resume is not None:
-        step = _checkpoint_step(resume)
+        step = checkpoint_step(resume)
         if step > config.max_steps:
             raise ValueError(f"resume: {resume} is at step {step}, beyond max_steps {config.max_steps}; raise "
                              "--max-steps or choose another --output-dir")
@@ -550,7 +392,7 @@ def run_training(config: TrainConfig, build_data: Callable | None = None, callba
     save_config(config, Path(config.output_dir) / RUN_CONFIG)
     trainable = trainable_parameter_counts(model)
     # seconds: the training time behind the result, summed over the runs a resumed run is made of
-    seconds_before = (_summary_of(resume).get("seconds") or 0.0) if resume else 0.0
+    seconds_before = (summary_of(resume).get("seconds") or 0.0) if resume else 0.0
     started = time.time()
 
     def run_summary(state) -> dict[str, Any]:
@@ -591,13 +433,6 @@ def _summary(config: TrainConfig, original, factor, trainable, state, seconds: f
     )
 
 
-def _summary_of(directory: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(directory) / SUMMARY).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
 def _write_summary(config: TrainConfig, summary: dict[str, Any]) -> None:
     """train_summary.json (+ loss.png), written last: its presence marks a complete final output."""
     from .io import write_json
@@ -615,21 +450,16 @@ def _print_done(config: TrainConfig, summary: dict[str, Any]) -> None:
           f"{summary['last_loss']}; adapter in {config.output_dir}", flush=True)
 
 
-def _final_files(checkpoint: Path) -> list[Path]:
-    """What of a checkpoint makes the final output: all but the resume-only state (and the summary, written last)."""
-    return sorted(p for p in checkpoint.iterdir() if p.name != SUMMARY and not p.name.startswith(_RESUME_ONLY))
-
-
 def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResult:
     """A resume from a checkpoint at max_steps: nothing to train. The final output is that checkpoint's weights,
     tokenizer and configs (the same bytes the uninterrupted run saved); already there, nothing is written."""
     out = Path(config.output_dir)
-    step = _checkpoint_step(checkpoint)
-    summary = _summary_of(checkpoint)
-    done = _summary_of(out)
+    step = checkpoint_step(checkpoint)
+    summary = summary_of(checkpoint)
+    done = summary_of(out)
     if done.get("steps") == step and all(
             (out / f.name).exists() and (f.is_dir() or (out / f.name).stat().st_size == f.stat().st_size)
-            for f in _final_files(checkpoint) if f.name != RUN_CONFIG):
+            for f in final_files(checkpoint) if f.name != RUN_CONFIG):
         print(f"already complete: {out} holds the final output of step {step} (max_steps {config.max_steps}); "
               "nothing to do. Raise --max-steps to train further.", flush=True)
         return TrainResult(output_dir=out, summary=done)
@@ -640,10 +470,10 @@ def _finish_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResul
         staging = out / ".final.staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for f in _final_files(checkpoint):
+        for f in final_files(checkpoint):
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
         save_config(config, staging / RUN_CONFIG)  # this run's options, as a trained run's final output has
-        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
+        move_into(staging, out, after_first=lambda: kill_point("final-save"))
         if not summary:  # a checkpoint from an older version: the trainer state still has the losses
             from transformers import TrainerState
 
@@ -665,8 +495,8 @@ def save_final(trainer, tokenizer, config: TrainConfig) -> None:
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        _write_run_files(staging, trainer.model, tokenizer, config)
-        move_into(staging, out, after_first=lambda: _kill_point("final-save"))
+        write_run_files(staging, trainer.model, tokenizer, config)
+        move_into(staging, out, after_first=lambda: kill_point("final-save"))
 
 
 def cmd_train(args: list[str] | None = None, **overrides) -> TrainResult:
