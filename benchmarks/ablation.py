@@ -49,7 +49,7 @@ def main(argv=None):
 
     import torch
 
-    from longlora.embedded import embedded_model_path
+    from longlora.embedded_shipping import embedded_model_path
     from longlora.io import write_json
     from longlora.quickstart import BASE_LENGTH, FACTOR, _write_split
     from longlora.train import SUMMARY

@@ -50,7 +50,7 @@ def dry_run_bytes(length: int, world: int, group_size: int, heads: int, kv_heads
     (position_ids (1, L) restarting per document: a packed row)."""
     import torch
 
-    from longlora.sequence_parallel import _halves, _HaloExchange, count_traffic, plan_chunks
+    from longlora.sequence_parallel.halo import _halves, _HaloExchange, count_traffic, plan_chunks
 
     dtype = {2: torch.bfloat16, 4: torch.float32}[bytes_per_value]
     chunk = length // world
@@ -117,8 +117,9 @@ def _worker(args) -> None:
     from _measure import PeakTensorMemory
     from longlora.adapters import apply_lora_plus
     from longlora.integration import enable_s2_attention
-    from longlora.sequence_parallel import PLAN_KEY, _halves, count_traffic, enable_sequence_parallel, \
-        sequence_parallel_loss, shard_batch
+    from longlora.sequence_parallel import PLAN_KEY, count_traffic, enable_sequence_parallel, sequence_parallel_loss, \
+        shard_batch
+    from longlora.sequence_parallel.halo import _halves
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from s2_reference import ReferenceKernel  # noqa: E402
 from tiny_models import tiny_config  # noqa: E402
 
-from longlora import sequence_parallel  # noqa: E402
+from longlora.sequence_parallel import halo  # noqa: E402
 from longlora.attention import varlen as attention_varlen  # noqa: E402
 from longlora.adapters import apply_lora_plus  # noqa: E402
 from longlora.memory import apply_memory_plan  # noqa: E402
@@ -86,10 +86,10 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     path = case.get("path", "auto")
     kernel = ReferenceKernel()
     fetches = []
-    fetch = sequence_parallel._ChunkPrefix.fetch
+    fetch = halo._ChunkPrefix.fetch
     with count_traffic() as traffic, use_backend(path), contextlib.ExitStack() as stack:
-        stack.callback(setattr, sequence_parallel._ChunkPrefix, "fetch", fetch)
-        sequence_parallel._ChunkPrefix.fetch = lambda self, k, v: fetches.append(1) or fetch(self, k, v)
+        stack.callback(setattr, halo._ChunkPrefix, "fetch", fetch)
+        halo._ChunkPrefix.fetch = lambda self, k, v: fetches.append(1) or fetch(self, k, v)
         if path == "varlen":
             stack.callback(setattr, attention_varlen, "KERNEL", attention_varlen.KERNEL)
             attention_varlen.KERNEL = kernel

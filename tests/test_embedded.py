@@ -10,21 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longlora import embedded
+from longlora import embedded, embedded_shipping
 from longlora.embedded import (
     EMBEDDED_VERSION,
     EXCLUDED_DIRS,
     METADATA_FILE,
     EmbeddedConfig,
-    SHIPPED_DIR,
     build_base_model,
-    cached_model_path,
-    embedded_model_path,
-    is_built,
     stdlib_split,
     stdlib_texts,
     train_tokenizer,
 )
+from longlora.embedded_shipping import SHIPPED_DIR, cached_model_path, embedded_model_path, is_built
 
 # A build small enough for a unit test: 8 training files, a 1-layer model, 3 steps of 2 x 32 tokens.
 TINY = EmbeddedConfig(
@@ -200,7 +197,7 @@ def test_cache_builds_once_under_its_version(tmp_path, monkeypatch):
         calls.append(args)
         return build_tiny(*args, **{k: v for k, v in kwargs.items() if k != "progress"})
 
-    monkeypatch.setattr(embedded, "build_base_model", counting_build)
+    monkeypatch.setattr(embedded_shipping, "build_base_model", counting_build)
     path = cached_model_path(tmp_path, progress=False)
     assert path == tmp_path / f"embedded-{EMBEDDED_VERSION}" and is_built(path)
     assert cached_model_path(tmp_path, progress=False) == path
@@ -215,7 +212,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(embedded, "_pretrain", interrupted)
-    monkeypatch.setattr(embedded, "build_base_model", build_tiny)
+    monkeypatch.setattr(embedded_shipping, "build_base_model", build_tiny)
     with pytest.raises(KeyboardInterrupt):
         cached_model_path(tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # no half model, no temporary directory
@@ -233,7 +230,7 @@ def test_cache_keeps_the_build_of_a_process_that_finished_first(tmp_path, monkey
         return real_pretrain(*args, **kwargs)
 
     monkeypatch.setattr(embedded, "_pretrain", racing)
-    monkeypatch.setattr(embedded, "build_base_model", build_tiny)
+    monkeypatch.setattr(embedded_shipping, "build_base_model", build_tiny)
     assert cached_model_path(tmp_path, progress=False) == target
     assert json.loads((target / METADATA_FILE).read_text())["seed"] == 5  # the first finished build is kept
     assert list(tmp_path.iterdir()) == [target]  # and ours left no temporary directory
@@ -277,7 +274,7 @@ def test_shipped_weights_load_as_float32_with_the_builds_perplexity():
     model = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR, dtype="auto")
     assert model.dtype == torch.float32 and model.config.max_position_embeddings == 256
     meta = _shipped_metadata()
-    ppl = embedded.heldout_perplexity(SHIPPED_DIR, 256, max_windows=meta["recipe"]["heldout_windows"])
+    ppl = embedded_shipping.heldout_perplexity(SHIPPED_DIR, 256, max_windows=meta["recipe"]["heldout_windows"])
     assert ppl == pytest.approx(meta["heldout_perplexity@256"], rel=0.01)
 
 
@@ -288,7 +285,7 @@ def test_rebuild_builds_into_the_cache_and_replaces_an_earlier_one(tmp_path, mon
         calls.append(path)
         return build_tiny(path, overwrite=kwargs["overwrite"], seed=len(calls))
 
-    monkeypatch.setattr(embedded, "build_base_model", counting_build)
+    monkeypatch.setattr(embedded_shipping, "build_base_model", counting_build)
     target = tmp_path / f"embedded-{EMBEDDED_VERSION}"
     assert embedded_model_path(tmp_path, progress=False, rebuild=True) == target
     assert embedded_model_path(tmp_path, progress=False, rebuild=True) == target
@@ -304,14 +301,14 @@ def test_rebuild_without_muon_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_ship_model_stores_float16_and_matches_its_build(tiny_build, tmp_path):
-    shipped = embedded.ship_model(tiny_build, tmp_path / "shipped")
+    shipped = embedded_shipping.ship_model(tiny_build, tmp_path / "shipped")
     assert is_built(shipped)
     assert (shipped / "tokenizer.json").read_bytes() == (tiny_build / "tokenizer.json").read_bytes()
     assert {t.dtype for t in load_file(shipped / "model.safetensors").values()} == {torch.float16}
-    assert embedded.shipped_weights_match(tiny_build, shipped)
-    assert not embedded.shipped_weights_match(build_tiny(tmp_path / "other", seed=1), shipped)
+    assert embedded_shipping.shipped_weights_match(tiny_build, shipped)
+    assert not embedded_shipping.shipped_weights_match(build_tiny(tmp_path / "other", seed=1), shipped)
     with pytest.raises(FileNotFoundError, match="no complete embedded build"):
-        embedded.ship_model(tmp_path, tmp_path / "x")
+        embedded_shipping.ship_model(tmp_path, tmp_path / "x")
 
 
 @pytest.mark.slow
@@ -325,7 +322,7 @@ def test_rebuilding_from_the_recipe_reproduces_the_shipped_base(tmp_path):
     threads = _shipped_metadata()["threads"]
     rebuilt = build_base_model(tmp_path / "rebuilt", progress=False, config=EmbeddedConfig(threads=threads))
     assert (rebuilt / "tokenizer.json").read_bytes() == (SHIPPED_DIR / "tokenizer.json").read_bytes()
-    if not embedded.shipped_weights_match(rebuilt, SHIPPED_DIR):
+    if not embedded_shipping.shipped_weights_match(rebuilt, SHIPPED_DIR):
         meta = _shipped_metadata()
         ppl = json.loads((rebuilt / METADATA_FILE).read_text())["heldout_perplexity@256"]
         assert ppl == pytest.approx(meta["heldout_perplexity@256"], rel=0.01)

@@ -22,7 +22,8 @@ The recipe's result ships with the package (`longlora/embedded_base/`: float16 s
 tokenizer), so a first run starts at once. `embedded_model_path()` returns that copy; `rebuild=True`
 (`longlora quickstart --rebuild-base`) makes it again from the recipe into the cache (~5 minutes at 1 thread on
 an idle AVX2 core; needs torch >= 2.9 for Muon). `build_base_model(dir)` builds one on demand and `ship_model`
-writes a build in the shipped form (`python -m longlora.embedded` does both). Every write is atomic: an
+writes a build in the shipped form (`python -m longlora.embedded_shipping` does both; longlora.embedded_shipping
+holds the shipped copy, the cache and `embedded_model_path`). Every write is atomic: an
 interrupted build leaves nothing behind.
 """
 
@@ -379,7 +380,7 @@ def _pretrain(model, stream, config: EmbeddedConfig, steps: int, seed: int, prog
     return losses
 
 
-def _heldout_perplexity(model, documents: list, length: int, max_windows: int, batch_size: int = 16) -> float:
+def window_perplexity(model, documents: list, length: int, max_windows: int, batch_size: int = 16) -> float:
     """exp(mean window loss) over non-overlapping `length`-token windows inside each held-out document.
 
     At length 256 this is the project's 'window' perplexity protocol with stride 256 (every token scored).
@@ -399,6 +400,14 @@ def _heldout_perplexity(model, documents: list, length: int, max_windows: int, b
             nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (b, length-1)
             losses.extend(nll.mean(dim=1).tolist())
     return math.exp(sum(losses) / len(losses))
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where a build goes by default: `<cache_dir>/embedded-<version>`, cache_dir defaulting to $LONGLORA_CACHE, else
+    ~/.cache/longlora."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("LONGLORA_CACHE") or Path.home() / ".cache" / "longlora"
+    return Path(cache_dir).expanduser() / f"embedded-{EMBEDDED_VERSION}"
 
 
 # ---------------------------------------------------------------------------------------------------------- build
@@ -431,7 +440,7 @@ def build_base_model(
             raise ValueError(f"steps must be >= 1, got {steps}")
         config = replace(config, steps=steps)
     if output_dir is None:
-        output_dir, overwrite = _cache_dir(None), True
+        output_dir, overwrite = cache_path(), True
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a directory; choose another output directory")
@@ -455,7 +464,7 @@ def build_base_model(
             losses = _pretrain(model, stream, config, config.steps, seed, progress)
 
             heldout_docs = [torch.tensor(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(heldout_texts)]
-            heldout_ppl = _heldout_perplexity(model, heldout_docs, config.context_length, config.heldout_windows)
+            heldout_ppl = window_perplexity(model, heldout_docs, config.context_length, config.heldout_windows)
 
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
@@ -502,141 +511,3 @@ def build_base_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
-
-
-# ---------------------------------------------------------------------------------------------------------- cache
-
-
-def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("LONGLORA_CACHE") or Path.home() / ".cache" / "longlora"
-    return Path(cache_dir).expanduser() / f"embedded-{EMBEDDED_VERSION}"
-
-
-def is_built(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a complete embedded build (its metadata file is written last)."""
-    return (Path(path) / METADATA_FILE).is_file()
-
-
-def cached_model_path(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """The embedded model built from the recipe into the cache, built on first use (~5 minutes at 1 thread).
-
-    cache_dir: the cache root; default `$LONGLORA_CACHE`, else ~/.cache/longlora. The model lives in
-    `<cache_dir>/embedded-<version>`. Concurrent first uses may both build; the first to finish wins.
-    """
-    path = _cache_dir(cache_dir)
-    if is_built(path):
-        return path
-    if progress:
-        print(f"Building the embedded base model into {path} (first use only, a few minutes on CPU) ...")
-    try:
-        # a directory there without the metadata was not written by a build (builds appear whole): replace it
-        build_base_model(path, progress=progress, overwrite=path.exists())
-    except OSError:
-        if not is_built(path):  # not a lost race with another process that finished first: a real error
-            raise
-    return path
-
-
-def embedded_model_path(
-    cache_dir: str | os.PathLike | None = None, *, progress: bool = True, rebuild: bool = False
-) -> Path:
-    """The embedded base model's directory: the copy shipped with the package.
-
-    rebuild: make it again from the recipe into `<cache_dir>/embedded-<version>` (replacing an earlier rebuild) and
-    return that; needs torch >= 2.9 (Muon). A package installed without the shipped copy builds it there on first
-    use (`cached_model_path`).
-    """
-    if rebuild:
-        check_recipe_supported()
-        path = _cache_dir(cache_dir)
-        if progress:
-            print(f"Rebuilding the embedded base model from its recipe into {path} (minutes on CPU) ...")
-        return build_base_model(path, progress=progress, overwrite=True)
-    if is_built(SHIPPED_DIR):
-        return SHIPPED_DIR
-    return cached_model_path(cache_dir, progress=progress)
-
-
-# -------------------------------------------------------------------------------------------------------- shipped
-
-
-SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_base"
-"""The recipe's result as shipped in the package (package data)."""
-SHIPPED_DTYPE = "float16"
-"""Storage dtype of the shipped weights (held-out perplexity at 256: 43.269, against 43.268 in float32); they load
-as float32."""
-
-
-def check_recipe_supported() -> None:
-    """Raise a one-line ValueError when this torch cannot run the recipe (Muon needs torch >= 2.9)."""
-    import torch
-
-    if EmbeddedConfig().optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ValueError(
-            f"rebuilding the embedded base needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}. "
-            "The shipped weights need no rebuild: run without --rebuild-base, or upgrade torch"
-        )
-
-
-def ship_model(build_dir: str | os.PathLike, output_dir: str | os.PathLike = SHIPPED_DIR) -> Path:
-    """Write a build in the shipped form: float16 weights, the tokenizer and the metadata (atomically).
-
-    The config keeps dtype float32, so `dtype='auto'` loads the float16 tensors as float32, the dtype they were
-    trained and evaluated in.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    build_dir, output_dir = Path(build_dir), Path(output_dir)
-    if not is_built(build_dir):
-        raise FileNotFoundError(f"{build_dir} holds no complete embedded build (no {METADATA_FILE})")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.shipping-", dir=output_dir.parent))
-    try:
-        for path in build_dir.iterdir():
-            if path.name not in ("model.safetensors", METADATA_FILE):
-                shutil.copy2(path, tmp / path.name)
-        tensors = load_file(build_dir / "model.safetensors")
-        half = {name: t.to(getattr(torch, SHIPPED_DTYPE)).contiguous() for name, t in tensors.items()}
-        save_file(half, tmp / "model.safetensors", metadata={"format": "pt"})
-        metadata = json.loads((build_dir / METADATA_FILE).read_text())
-        metadata["shipped_dtype"] = SHIPPED_DTYPE
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        for path in [tmp, *tmp.iterdir()]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        replace_directory(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
-
-
-def shipped_weights_match(build_dir: str | os.PathLike, shipped_dir: str | os.PathLike = SHIPPED_DIR) -> bool:
-    """Whether a build, stored in the shipped dtype, is bitwise the shipped weights."""
-    import torch
-    from safetensors.torch import load_file
-
-    built = load_file(Path(build_dir) / "model.safetensors")
-    shipped = load_file(Path(shipped_dir) / "model.safetensors")
-    dtype = getattr(torch, SHIPPED_DTYPE)
-    return built.keys() == shipped.keys() and all(torch.equal(built[k].to(dtype), shipped[k]) for k in built)
-
-
-def heldout_perplexity(model_dir: str | os.PathLike, length: int | None = None, max_windows: int = 512) -> float:
-    """Held-out perplexity (window protocol, stride = length; default the pretraining context) of a build, in
-    float32: the figure a rebuild is compared on when it is not bitwise the shipped weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    length = length or model.config.max_position_embeddings
-    docs = [torch.tensor(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(stdlib_texts("heldout"))]
-    return _heldout_perplexity(model.eval(), docs, length, max_windows)
-
-
-if __name__ == "__main__":  # python -m longlora.embedded [BUILD_DIR]: run the recipe and refresh the shipped copy
-    build = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="longlora-embedded-")) / "model"
-    ship_model(build_base_model(build, overwrite=True))
-    print(f"shipped {SHIPPED_DIR} (built in {build})")

@@ -91,7 +91,7 @@ def run_quickstart(output: str | os.PathLike = "runs/quickstart", *, fast: bool 
     """
     import torch
 
-    from .embedded import check_recipe_supported
+    from .embedded_shipping import check_recipe_supported
 
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -109,7 +109,7 @@ def run_quickstart(output: str | os.PathLike = "runs/quickstart", *, fast: bool 
 def _run(output, fast: bool, cache_dir, seed: int, rebuild_base: bool) -> dict[str, Any]:
     import torch
 
-    from .embedded import embedded_model_path
+    from .embedded_shipping import embedded_model_path
     from .io import write_json
     from .merge import merge_adapter
     from .modeling import load_model_and_tokenizer
