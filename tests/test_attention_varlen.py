@@ -199,7 +199,7 @@ def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signatu
     monkeypatch.setattr(attention_varlen, "_varlen_module", lambda: module)
 
     class OnCPU(attention_varlen.TorchVarlenKernel):
-        def applies(self, query, sliding_window, group_size, scale=None):  # the fake module runs anywhere
+        def applies(self, query, sliding_window, group_size, scale=None, value_dim=None):  # runs anywhere
             return self.supports(sliding_window, group_size)
 
     torch_kernel = OnCPU()
@@ -216,6 +216,49 @@ def test_torch_kernel_adapts_to_the_installed_signature(monkeypatch, new_signatu
         check_against_reference(q, k, v, 16, sliding_window=5)
     else:  # a window shorter than G needs window_size: this torch's varlen cannot take it
         assert not torch_kernel.supports(5, 16) and torch_kernel.supports(None, 16)
+
+
+def test_torch_2_11_signature_takes_kv_unrepeated(monkeypatch):
+    """torch 2.11's varlen_attn has window_size, scale and return_aux but no enable_gqa keyword, and its flash kernel
+    takes fewer K/V heads as they are: the kernel finds that out on meta tensors and passes K/V unrepeated (no 4
+    copies + 4 sums per layer), output copied into place (2.11 has no varlen_attn_out)."""
+    seen = []
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        if query.is_meta:  # the probe: shapes only, like torch's fake kernel
+            return torch.empty_like(query)
+        assert query.shape[1] % key.shape[1] == 0
+        seen.append(key.shape[1])
+        rep = query.shape[1] // key.shape[1]
+        key, value = (x.repeat_interleave(rep, dim=1) for x in (key, value))  # what the kernel does inside
+        out, lse = segment_attention(query, key, value, cu_seq_q, None, window_size)
+        return (out, lse) if return_aux is not None else out
+
+    module = types.SimpleNamespace(varlen_attn=varlen_attn, AuxRequest=lambda lse: types.SimpleNamespace(lse=lse))
+    monkeypatch.setattr(attention_varlen, "_varlen_module", lambda: module)
+
+    class OnCPU(attention_varlen.TorchVarlenKernel):
+        def applies(self, query, sliding_window, group_size, scale=None, value_dim=None):
+            return self.supports(sliding_window, group_size)
+
+    kernel = OnCPU()
+    assert not kernel.features["gqa"] and kernel.features["gqa_native"] and not kernel.features["out"]
+    kernel._features["backward"] = False  # torch's private backward op needs CUDA: recompute instead
+    monkeypatch.setattr(attention_varlen, "KERNEL", kernel)
+    q, k, v = rand_qkv(2, 8, 2, 48)
+    check_against_reference(q, k, v, 16)
+    assert set(seen) == {1}  # each head block's one key/value head, never repeated to its 4 query heads
+
+
+def test_head_dims_flash_cannot_take_fall_back_from_varlen():
+    from longlora.attention.varlen import head_dim_supported
+
+    assert head_dim_supported(64) and head_dim_supported(256, 256) and head_dim_supported(8)
+    assert not head_dim_supported(60) and not head_dim_supported(264) and not head_dim_supported(64, 128)
+    kernel = attention_varlen.TorchVarlenKernel()
+    q = torch.empty(1, 4, 16, 60, dtype=torch.bfloat16, device="meta")  # (B, H, L, D): D = 60
+    assert not kernel.applies(q, None, 8)  # (and on CPU anyway); "auto" then takes sdpa or flash-attn
 
 
 @pytest.mark.parametrize("hq,hk", [(8, 2), (9, 3)])
@@ -372,3 +415,20 @@ def test_real_varlen_kernel_row_prefix_matches_dense_reference():
     assert close(got[2].double().cpu() + 1.0, want[2][:, :, rows])
     for (gk, gv), (a, z), s in zip(prefix.given, prefix.kv, prefix.starts):
         assert close(gk.double().cpu(), want[1][:, a:z, s:start]) and close(gv.double().cpu(), want[2][:, a:z, s:start])
+
+
+@pytest.mark.gpu
+@cuda
+def test_auto_falls_back_from_varlen_for_a_head_dim_flash_cannot_take():
+    """A model with head dimension 60 (not a multiple of 8) runs S2 through another backend instead of erroring."""
+    from longlora.attention import resolve_backend
+
+    if not attention_varlen.KERNEL.features["available"]:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    q, k, v = (torch.randn(1, 4, 32, 60, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    layout = token_layout(1, 32, q.device)
+    assert resolve_backend(q, k, v, layout, 8) != "varlen"
+    out = s2_attention(q, k, v, 8)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    with use_backend("varlen"), pytest.raises(ValueError, match="multiples of 8"):
+        s2_attention(q, k, v, 8)

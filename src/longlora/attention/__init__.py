@@ -20,8 +20,9 @@ that leaves it at "auto", e.g. a model's layers):
 - "sdpa": the composition above (any device, any layout);
 - "cpu": the regular CPU layout through `attention.cpu` (torch's CPU flash kernels, one output buffer, dq written over
   the saved output when nothing else holds it); other layouts take "sdpa";
-- "varlen": torch's own varlen flash kernels through `attention.varlen` (CUDA, fp16/bf16, Ampere or newer, no extra
-  package): one call per head half into one output, cached cu_seqlens, no roll/cat/K-V copies;
+- "varlen": torch's own varlen flash kernels through `attention.varlen` (CUDA, fp16/bf16, Ampere or newer, head
+  dimension a multiple of 8 up to 256, no extra package): one call per head half into one output, cached
+  cu_seqlens, no roll/cat/K-V copies in the forward;
 - "flash": flash-attn's varlen kernel (the flash-attn package, CUDA, fp16/bf16);
 - "auto" (default), by device: on CPU, "cpu" where it applies, else "sdpa"; on CUDA in fp16/bf16 with no attention
   dropout, "varlen" where torch has it (torch >= 2.10, Ampere or newer; with a sliding window shorter than G only
@@ -98,14 +99,14 @@ def resolve_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if backend == "auto":
         if query.device.type == "cpu":
             return "cpu" if cpu_ok else "sdpa"
-        if varlen_applies(query, dropout, sliding_window, group_size, scale):
+        if varlen_applies(query, dropout, sliding_window, group_size, scale, value.shape[-1]):
             return "varlen"
         half = query.dtype in (torch.float16, torch.bfloat16)
         return "flash" if query.is_cuda and half and flash_available() else "sdpa"
     if backend == "cpu":
         return "cpu" if cpu_ok else "sdpa"
     if backend == "varlen":
-        check_varlen(query, dropout, sliding_window, group_size, scale)
+        check_varlen(query, dropout, sliding_window, group_size, scale, value.shape[-1])
     if backend == "flash":
         import_flash()  # ImportError with the install hint when the package is missing
         if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):

@@ -3,15 +3,20 @@
 Every S2 group is a causal segment, so each head half is one varlen call over the whole batch: plain heads with
 cu_seqlens 0, G, 2G, ..., shifted heads with 0, G/2, 3G/2, ..., L (per row, rows after one another). In the regular
 layout (no padding, no packing) q/k/v are the model's tensors seen token-first, (B*L, H, D) views sliced by head (no
-roll, no cat, no K/V copy: grouped-query attention stays unrepeated where torch has `enable_gqa`), and each call
-writes into its head slice of one preallocated output (`varlen_attn_out`, where this torch has it). cu_seqlens of the
-regular layout are built from Python integers once per (batch, length, group, shift, device) and cached, so a call
-reads no tensor on the host (no host-device synchronisation). With padding or packed documents, cu_seqlens come from
-the token layout's segments (cut once per layout and cached on it); the real tokens are gathered first.
+roll, no cat), and grouped-query attention stays unrepeated: through `enable_gqa` where torch has it (2.12+), as they
+are where its varlen_attn takes fewer K/V heads without the keyword (2.10-2.11's flash kernels do; probed once on
+meta tensors), repeated only where neither holds. Each call writes into its head slice of one preallocated output
+where torch has `varlen_attn_out`; without it (2.11) each half's output is copied into its slice, which nothing
+avoids there. cu_seqlens of the regular layout are built from Python integers once per (batch, length, group, shift,
+device) and cached, so a call reads no tensor on the host (no host-device synchronisation). With padding or packed
+documents, cu_seqlens come from the token layout's segments (cut once per layout and cached on it); the real tokens
+are gathered first.
 
-The backward runs torch's varlen backward op per head half into one dq/dk/dv. Where this torch lacks what the fast
-path needs (the out variant, the logsumexp, the backward op with the expected schema) it degrades: the output is
-copied into its slice, or the backward recomputes the half through torch's differentiable `varlen_attn`.
+The backward runs torch's varlen backward op per head half into one dq/dk/dv. "No copies" holds for the forward
+only: the flash backward makes grad_out and out contiguous and allocates its own dq/dk/dv on every call, which are
+then copied (dk/dv summed) into place. Where this torch lacks what the fast path needs (the logsumexp, the backward
+op with the expected schema) it degrades: the backward recomputes the half through torch's differentiable
+`varlen_attn`. The kernels are FlashAttention-2's (torch's varlen leaves cuDNN off; FlashAttention-3 needs a package).
 
 The kernel is one object, `KERNEL` (forward and backward per head half). Tests on CPU, where torch's flash kernels do
 not run, set it to a per-segment reference (tests/test_attention_varlen.py); everything around the kernel
@@ -53,6 +58,9 @@ class TorchVarlenKernel:
                 available=varlen is not None,
                 window="window_size" in params,  # torch >= 2.11; 2.10 had is_causal only
                 gqa="enable_gqa" in params,
+                # no enable_gqa keyword (torch 2.10-2.11): whether varlen_attn takes fewer K/V heads as they are
+                # (flash's varlen kernels need only Hq % Hkv == 0, its backward sums dk/dv per K/V head)
+                gqa_native="enable_gqa" not in params and varlen is not None and _takes_fewer_kv_heads(varlen),
                 scale="scale" in params,
                 aux="return_aux" in params,
                 out=varlen is not None and hasattr(varlen, "varlen_attn_out"),
@@ -65,11 +73,13 @@ class TorchVarlenKernel:
         return f["available"] and (f["window"] or sliding_window is None or sliding_window >= group_size)
 
     def applies(self, query: torch.Tensor, sliding_window: int | None, group_size: int,
-                scale: float | None = None) -> bool:
-        """CUDA fp16/bf16 on an Ampere or newer GPU, and what this torch's signature can express."""
+                scale: float | None = None, value_dim: int | None = None) -> bool:
+        """CUDA fp16/bf16 on an Ampere or newer GPU, a head dimension flash takes, and what this torch's signature
+        can express."""
         default_scale = scale is None or abs(scale - query.shape[-1] ** -0.5) < 1e-12
-        return (query.is_cuda and query.dtype in HALF_DTYPES and self.supports(sliding_window, group_size)
-                and (self.features["scale"] or default_scale) and _capability(query.device.index or 0) >= (8, 0))
+        return (query.is_cuda and query.dtype in HALF_DTYPES and head_dim_supported(query.shape[-1], value_dim)
+                and self.supports(sliding_window, group_size) and (self.features["scale"] or default_scale)
+                and _capability(query.device.index or 0) >= (8, 0))
 
     def _kwargs(self, scale, window):
         f = self.features
@@ -81,12 +91,15 @@ class TorchVarlenKernel:
         return kw
 
     def _kv(self, q, k, v):
-        """K/V as the kernel takes them: unrepeated with enable_gqa, else repeated to the query heads."""
+        """K/V as the kernel takes them: unrepeated with enable_gqa, or as they are where varlen_attn takes fewer K/V
+        heads without the keyword; else repeated to the query heads (4 copies + 4 sums per layer)."""
         rep = q.shape[1] // k.shape[1]
         if rep == 1:
             return k, v, {}
         if self.features["gqa"]:
             return k, v, {"enable_gqa": True}
+        if self.features["gqa_native"]:
+            return k, v, {}
         return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}  # (N, Hq, D)
 
     def forward(self, out, q, k, v, cu, max_len, scale, window, cu_k=None, max_k=None):
@@ -108,12 +121,12 @@ class TorchVarlenKernel:
         try:
             result = varlen.varlen_attn(q, k, v, cu, cu_k, max_len, max_k, **aux, **kw)
         except RuntimeError:
-            if not gqa:
+            if k.shape[1] == q.shape[1]:
                 raise
             # a kernel without GQA (torch's cuDNN varlen path): repeat K/V from now on, forward and backward alike
-            self._features["gqa"] = False
+            self._features["gqa"] = self._features["gqa_native"] = False
             k, v, _ = self._kv(q, k, v)
-            kw.pop("enable_gqa")
+            kw.pop("enable_gqa", None)
             result = varlen.varlen_attn(q, k, v, cu, cu_k, max_len, max_k, **aux, **kw)
         piece, lse = result if aux else (result, None)
         out.copy_(piece)
@@ -125,7 +138,7 @@ class TorchVarlenKernel:
         rep = q.shape[1] // k.shape[1]
         if lse is not None and self.features["backward"] and self.features["window"]:
             kk, vv, _ = self._kv(q, k, v)
-            rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: the state is unused
+            rng = _unused_rng_state(q.device)  # no dropout: the state is read by no one
             dq, dk, dv = torch.ops.torch_attn._varlen_attn_backward(
                 grad_out, q, kk, vv, out, lse, cu, cu_k, max_len, max_k, window == (-1, 0), rng, scale, list(window))
         else:  # recompute this half through the differentiable public function
@@ -140,6 +153,36 @@ class TorchVarlenKernel:
         if dk.shape[1] != k.shape[1]:  # K/V were repeated for the kernel: sum each key/value head's copies
             dk, dv = (x.unflatten(1, (k.shape[1], rep)).sum(2) for x in (dk, dv))
         return dq, dk, dv
+
+
+def _takes_fewer_kv_heads(varlen) -> bool:
+    """Whether varlen_attn, called without enable_gqa, accepts K/V with fewer heads than Q (probed on meta tensors:
+    its checks and its fake kernel run, no device does)."""
+    q = torch.empty(8, 4, 64, dtype=torch.bfloat16, device="meta")  # (N, Hq, D)
+    kv = torch.empty(8, 2, 64, dtype=torch.bfloat16, device="meta")  # (N, Hkv, D)
+    cu = torch.empty(2, dtype=torch.int32, device="meta")
+    try:
+        out = varlen.varlen_attn(q, kv, kv, cu, cu, 8, 8)
+    except Exception:  # noqa: BLE001 - a check that refuses the head counts (or anything else): repeat K/V
+        return False
+    out = out[0] if isinstance(out, tuple) else out
+    return tuple(out.shape) == tuple(q.shape)
+
+
+def head_dim_supported(head_dim: int, value_dim: int | None = None) -> bool:
+    """Flash's varlen kernels take head dimensions that are multiples of 8 up to 256, the same for values."""
+    return head_dim % 8 == 0 and head_dim <= 256 and (value_dim is None or value_dim == head_dim)
+
+
+_RNG_STATES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unused_rng_state(device: torch.device) -> torch.Tensor:
+    """The (2,) uint64 RNG state the backward op takes, one per device: without dropout it is never read, and a
+    new one per call would be one more allocation and fill per head block and layer."""
+    if device not in _RNG_STATES:
+        _RNG_STATES[device] = torch.zeros(2, dtype=torch.uint64, device=device)
+    return _RNG_STATES[device]
 
 
 def _backward_op_matches() -> bool:
@@ -173,20 +216,21 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def varlen_applies(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
-                   scale: float | None = None) -> bool:
-    """Whether backend "auto" may take this path: CUDA fp16/bf16 on an Ampere or newer GPU, no dropout, torch with
-    varlen (and its window argument where a sliding window bites)."""
+                   scale: float | None = None, value_dim: int | None = None) -> bool:
+    """Whether backend "auto" may take this path: CUDA fp16/bf16 on an Ampere or newer GPU, no dropout, a head
+    dimension flash takes (a multiple of 8, at most 256, values as wide as queries), torch with varlen (and its
+    window argument where a sliding window bites). Where it does not, "auto" falls back (flash-attn or sdpa)."""
     if dropout != 0.0:
         return False
     if not hasattr(KERNEL, "applies"):  # an injected kernel runs wherever it was written for
         return True
-    return KERNEL.applies(query, sliding_window, group_size, scale)
+    return KERNEL.applies(query, sliding_window, group_size, scale, value_dim)
 
 
 def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None, group_size: int,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, value_dim: int | None = None) -> None:
     """Raise a clear ValueError when backend="varlen" was asked for where it cannot run."""
-    if varlen_applies(query, dropout, sliding_window, group_size, scale):
+    if varlen_applies(query, dropout, sliding_window, group_size, scale, value_dim):
         return
     if dropout:
         raise ValueError("backend='varlen' has no attention dropout; use backend='sdpa' (or 'auto') with dropout.")
@@ -196,6 +240,10 @@ def check_varlen(query: torch.Tensor, dropout: float, sliding_window: int | None
     if isinstance(KERNEL, TorchVarlenKernel) and not (query.is_cuda and query.dtype in HALF_DTYPES):
         raise ValueError(f"backend='varlen' runs torch's flash kernels: CUDA tensors in fp16/bf16 (got {query.dtype} "
                          f"on {query.device}); use backend='auto'.")
+    if isinstance(KERNEL, TorchVarlenKernel) and not head_dim_supported(query.shape[-1], value_dim):
+        raise ValueError(f"backend='varlen' runs torch's flash kernels, which take head dimensions that are multiples "
+                         f"of 8 up to 256, the same for values (got {query.shape[-1]} and {value_dim}); use "
+                         "backend='auto'.")
     raise ValueError("backend='varlen' cannot run here (a GPU older than Ampere, or a sliding window or scale this "
                      "torch's varlen_attn cannot take); use backend='auto'.")
 
