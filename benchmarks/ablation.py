@@ -52,7 +52,7 @@ def main(argv=None):
     from longlora.embedded_shipping import embedded_model_path
     from longlora.io import write_json
     from longlora.quickstart import BASE_LENGTH, FACTOR, _write_split
-    from longlora.train import SUMMARY
+    from longlora.checkpoints import SUMMARY
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]

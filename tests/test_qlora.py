@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
 from longlora.quantization import check_bitsandbytes
-from longlora.train import RUN_CONFIG, SUMMARY, latest_complete_checkpoint, run_training
+from longlora.checkpoints import SUMMARY, latest_complete_checkpoint
+from longlora.config import RUN_CONFIG
+from longlora.train import run_training
 from test_train import StopAt
 from tiny_models import LAYERS, save_tiny_model, stdlib_corpus
 

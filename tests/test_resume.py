@@ -18,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from longlora.train import COMPLETE, KILL_ENV, RUN_CONFIG, SUMMARY, cmd_train
+from longlora.checkpoints import COMPLETE, KILL_ENV, SUMMARY
+from longlora.config import RUN_CONFIG
+from longlora.train import cmd_train
 from tiny_models import save_tiny_model, stdlib_corpus
 
 RUN = dict(context_length=128, max_steps=6, save_steps=2, per_device_train_batch_size=1,

@@ -134,7 +134,7 @@ def test_train_with_deepspeed_and_sequence_parallel_gives_the_same_adapter(one_p
     checkpoint (the partitioned optimizer state) for the second. 4 processes: two groups, one block each."""
     from safetensors.torch import load_file
 
-    from longlora.train import COMPLETE
+    from longlora.checkpoints import COMPLETE
 
     base = one_process_run
     out = tmp_path / f"zero{stage}"

@@ -13,15 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 import longlora.integration
 from longlora.cli import main as cli_main
 from longlora.config import TrainConfig, load_config
-from longlora.train import (
-    COMPLETE,
-    RUN_CONFIG,
-    cmd_train,
-    compute_dtype,
-    latest_complete_checkpoint,
-    load_dtype,
-    run_training,
-)
+from longlora.checkpoints import COMPLETE, latest_complete_checkpoint
+from longlora.config import RUN_CONFIG
+from longlora.train import cmd_train, compute_dtype, load_dtype, run_training
 from launch import torchrun
 from tiny_models import save_tiny_model, stdlib_corpus
 

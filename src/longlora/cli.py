@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(filter(None, [ns.command, getattr(ns, "eval_command", None)]))
         message = _one_line(err)
         if type(err).__name__ == "SafetensorError":  # its message does not say which file
-            from .train import damaged_safetensors
+            from .checkpoints import damaged_safetensors
 
             damaged = damaged_safetensors(a for a in argv if not a.startswith("-") and os.path.exists(a))
             message = f"{damaged}: re-create or re-download it ({message})" if damaged else message

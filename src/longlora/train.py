@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoints import (  # noqa: F401 - COMPLETE, KILL_ENV, checkpoint_problems, damaged_safetensors: this module's API too
-    COMPLETE, KILL_ENV, SUMMARY, checkpoint_problems, checkpoint_step, damaged_safetensors, final_files, kill_point,
-    latest_complete_checkpoint, resume_from, summary_of, write_run_files,
+from .checkpoints import (
+    COMPLETE, SUMMARY, checkpoint_step, damaged_safetensors, final_files, kill_point, resume_from, summary_of,
+    write_run_files,
 )
 from .config import RUN_CONFIG, TrainConfig, save_config
 from .io import move_into, replace_directory
