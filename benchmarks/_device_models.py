@@ -69,7 +69,8 @@ def passkeys(path: Path) -> dict[int, float]:
 
 # --- fidelity ------------------------------------------------------------------------------------------------------
 
-FIDELITY_SMOKE_ROWS = "pi_only,lora_plus_full,lora_plus_s2"
+FIDELITY_SMOKE_ROWS = "pi_only,lora_plus_s2"
+FIDELITY_SMOKE_BASE_STEPS = 10
 
 
 def fidelity(ctx) -> dict:
@@ -81,7 +82,8 @@ def fidelity(ctx) -> dict:
     written = work / "fidelity_gpu.json"
     argv = ["--work-dir", str(work), "--output", str(written), "--budget-minutes", f"{budget:.2f}"]
     if ctx.smoke:  # fewer rows and one seed: the code path, in seconds
-        argv += ["--smoke", "--rows", FIDELITY_SMOKE_ROWS, "--seeds", "0"]
+        argv += ["--smoke", "--rows", FIDELITY_SMOKE_ROWS, "--seeds", "0", "--set",
+                 f"base_steps={FIDELITY_SMOKE_BASE_STEPS}"]
     fidelity_gpu.main(argv, started=time.time())
     result = json.loads(written.read_text())
     shutil.copyfile(written.with_suffix(".png"), ctx.output_dir / "fidelity.png")
@@ -160,7 +162,7 @@ def real_model(ctx) -> dict:
 # --- embedded base -------------------------------------------------------------------------------------------------
 
 EMBEDDED = dict(base_seconds=150.0, trials=4, depths=(0.0, 0.25, 0.5, 0.75, 1.0), extend_steps=60, train_files=None)
-EMBEDDED_SMOKE = dict(base_steps=20, trials=1, depths=(0.5,), extend_steps=2, train_files=40)
+EMBEDDED_SMOKE = dict(base_steps=8, trials=1, depths=(0.5,), extend_steps=2, train_files=20)
 
 
 def embedded_plan(smoke: bool, base_seconds: float):

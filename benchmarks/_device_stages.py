@@ -20,8 +20,8 @@ from _measure import ROOT, full_attention, group_size_for, make_inputs, time_and
 
 from longlora.attention import resolve_backend, s2_attention, token_layout
 
-SMOKE_SCALE = 32
-"""--smoke lengths are the issue's lengths / 32 (8k -> 256)."""
+SMOKE_SCALE = 64
+"""--smoke lengths are the issue's lengths / 64 (8k -> 128)."""
 OP_FIGURES = ((4096, 1.0), (8192, 2.5), (16384, 3.3), (32768, 3.7))
 """Attention op fwd+bwd, S2 (auto's backend) over full causal SDPA: at least this speed-up at this length."""
 STEP_FIGURES = ((8192, 1.3), (32768, 1.65), (65536, 2.1))
@@ -117,7 +117,7 @@ def correctness(ctx) -> dict:
     backends = gpu.backends_for(device)
     table = gpu.correctness(device, backends, (gpu.SMOKE if ctx.smoke else gpu.FULL)["check_scale"])
     failed = [r for r in table if r["status"] in ("FAIL", "ERROR")]
-    sync = sync_debug_step(device, dtype, 128 if ctx.smoke else 2048)
+    sync = sync_debug_step(device, dtype, 64 if ctx.smoke else 2048)
     tests = run_gpu_tests(min(300.0, ctx.seconds_left() - 10))
     print(f"sync debug: backend {sync['backend']}, {'ok' if sync['ok'] else 'FAILED: ' + sync.get('message', '')}; "
           f"pytest -m gpu: {tests.get('counts')} (exit {tests['returncode']})", flush=True)
@@ -220,8 +220,8 @@ def speed(ctx) -> dict:
 # --- memory --------------------------------------------------------------------------------------------------------
 
 MEMORY_MODELS = ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-1B")
-SMOKE_MEMORY = dict(start=64, limit=256, layers=2)
-"""Smoke: the smoke width (memory.SMOKE_WIDTH), 2 layers, 64 -> 256 tokens; the GPU run doubles from 32k up to
+SMOKE_MEMORY = dict(start=64, limit=128, layers=2)
+"""Smoke: the smoke width (memory.SMOKE_WIDTH), 2 layers, 64 -> 128 tokens; the GPU run doubles from 32k up to
 1M tokens or until a step does not fit."""
 
 
