@@ -29,8 +29,8 @@ name, torch version, commit, cuda true; status ok), unless --stages names it. (d
 memory.json are the CPU benchmarks' results: the device results have their own folder.) Before each stage its
 estimated time is checked against the budget left: a stage that cannot fit is "left" for the next session. Each stage
 writes <output-dir>/<stage>.json (PNG where a person would rather look) as it ends, so a cut loses only that stage;
-<output-dir>/device.json sums up what ran, was skipped (and why) and was left. Commit the results with
-`cp $OUT/*.json $OUT/*.png docs/benchmarks/device/` (not device.json's smoke runs: --smoke never writes into docs/).
+<output-dir>/device.json sums up what ran, was skipped (and why) and was left. Commit a GPU run's results in the same
+session: copy $OUT's <stage>.json and PNG files into docs/benchmarks/device/ (--smoke never writes into docs/).
 """
 
 from __future__ import annotations
