@@ -8,8 +8,12 @@ that counts every tensor allocated (inputs excluded) until its storage is freed.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import tempfile
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SMOKE_DIR = Path(tempfile.gettempdir()) / "longlora-smoke"
+"""Where a --smoke run writes when given no --output: docs/benchmarks/ holds the real (GPU) runs' results only."""
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -163,3 +171,51 @@ def save_figure(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+# --- where results go, and what they were measured on ------------------------------------------------------------
+
+
+def in_docs(path) -> bool:
+    """Whether `path` lies under the repository's docs/ (the committed results)."""
+    return Path(path).resolve().is_relative_to(DOCS.resolve())
+
+
+def output_path(parser, output, smoke: bool, name: str) -> Path:
+    """A benchmark's JSON path: `output` if given, else docs/benchmarks/<name> for a real run and
+    SMOKE_DIR/<name> for a --smoke run. A tiny CPU smoke run never writes into docs/, where a GPU result belongs:
+    an explicit --output there is refused (parser.error, exit status 2)."""
+    if output is None:
+        return SMOKE_DIR / name if smoke else DOCS / "benchmarks" / name
+    if smoke and in_docs(output):
+        parser.error(f"--smoke writes a tiny run: pass --output outside docs/ (got {output})")
+    return Path(output)
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with '-dirty' when tracked files differ from it), or None outside a checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def device_meta(device: torch.device) -> dict:
+    """What a result was measured on: device name, torch / transformers / CUDA versions, the commit. `cuda` is True
+    only for a run on a CUDA device: the mark of a result that may stand in docs/benchmarks/."""
+    import transformers
+
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    meta = {"device": name, "cuda": cuda, "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda_version": torch.version.cuda, "python": sys.version.split()[0], "commit": git_commit()}
+    if cuda:
+        meta["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return meta

@@ -1,7 +1,7 @@
 """S2-Attn on one GPU: correctness of every backend, the attention op, and a whole 1.1B LoRA+ training step.
 
     python benchmarks/gpu.py                  # one H100/H200, bf16: about 4-6 minutes; docs/benchmarks/gpu.{json,png}
-    python benchmarks/gpu.py --smoke --output /tmp/gpu.json   # the same code, tiny, on CPU, in seconds (CI)
+    python benchmarks/gpu.py --smoke          # the same code, tiny, on CPU, in seconds (CI); never into docs/
 
 Three tables, printed and written to JSON (PNG beside it when matplotlib is installed):
 (a) correctness of every S2 backend available on the device (sdpa, varlen, flash; cpu on CPU) against a float64
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _measure import full_attention, group_size_for, make_inputs, measure, save_figure, time_and_peak
+from _measure import full_attention, group_size_for, make_inputs, measure, output_path, save_figure, time_and_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from longlora.attention import flash_available, resolve_backend, s2_attention, s2_dense_mask  # noqa: E402
@@ -339,8 +339,10 @@ def main(argv=None):
     p.add_argument("--op-lengths", default=None, help="comma-separated, overrides the default lengths")
     p.add_argument("--step-lengths", default=None, help="comma-separated, overrides the default lengths")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--output", default="docs/benchmarks/gpu.json", help="JSON path; the PNG is written beside it")
+    p.add_argument("--output", default=None, help="JSON path, the PNG beside it (default docs/benchmarks/gpu.json; "
+                   "with --smoke a temporary path: a CPU smoke run never writes into docs/)")
     args = p.parse_args(argv)
+    out = output_path(p, args.output, args.smoke, "gpu.json")
     cfg = dict(SMOKE if args.smoke else FULL)
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -367,7 +369,6 @@ def main(argv=None):
     if "step" in parts:
         result["step_rows"], result["step"], result["step_fit"] = step_table(device, dtype, cfg, repeats)
     meta["seconds"] = time.perf_counter() - start
-    out = Path(args.output)
     write_json(out, result)
     drawn = plot(result.get("op", []), result.get("step", []), out.with_suffix(".png"),
                  f"S2-Attn on {name} ({str(dtype).removeprefix('torch.')})") if "op" in parts and "step" in parts \

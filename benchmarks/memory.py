@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _measure import PeakTensorMemory, save_figure
+from _measure import PeakTensorMemory, in_docs, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -185,7 +185,7 @@ def main(argv=None):
                    "plan (full-depth table)")
     args = p.parse_args(argv)
     out = Path(args.output)
-    if args.smoke and out.resolve().is_relative_to((Path(__file__).resolve().parents[1] / "docs").resolve()):
+    if args.smoke and in_docs(out):
         p.error("--smoke writes a tiny run: pass --output outside docs/")
     parts = args.parts.split(",")
     print(f"{'model':>10} {'L':>2} {'tokens':>6} {'setting':>10} {'measured':>10} {'plan':>10} {'ratio':>6} "
