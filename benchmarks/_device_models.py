@@ -192,7 +192,8 @@ def embedded_base(ctx) -> dict:
     import torch
     from _fidelity_recipe import pretrain_base, tokenize_corpus
 
-    from longlora.embedded import METADATA_FILE, ship_model, stdlib_texts
+    from longlora.embedded import METADATA_FILE, stdlib_texts
+    from longlora.embedded_shipping import ship_model
     from longlora.evaluate.passkey import run_passkey
     from longlora.modeling import load_model_and_tokenizer
 
