@@ -140,7 +140,7 @@ class Inspect(TrainerCallback):
     dtype of the hidden states entering each decoder layer."""
 
     def __init__(self):
-        self.parameters, self.layer_inputs, self._hooks = {}, [], []
+        self.parameters, self.layer_inputs, self._hooks, self._seen = {}, [], [], set()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -151,7 +151,11 @@ class Inspect(TrainerCallback):
             self._hooks.append(layer.register_forward_pre_hook(self._record, with_kwargs=True))
 
     def _record(self, module, args, kwargs):
-        self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).dtype)
+        # once per layer: before transformers 5.23 a layer's forward hooks run inside its checkpoint, so they fire
+        # again when the backward recomputes it
+        if module not in self._seen:
+            self._seen.add(module)
+            self.layer_inputs.append((args[0] if args else kwargs["hidden_states"]).dtype)
 
     def on_step_end(self, args, state, control, **kwargs):
         for hook in self._hooks:
