@@ -118,6 +118,7 @@ def test_tiny_build_writes_a_loadable_model(tiny_build):
     model = AutoModelForCausalLM.from_pretrained(tiny_build)
     tokenizer = AutoTokenizer.from_pretrained(tiny_build)
     assert model.config.model_type == "llama"
+    assert json.loads((tiny_build / METADATA_FILE).read_text())["device"] == "cpu"  # build_base_model(device=...)
     assert model.config.max_position_embeddings == 32
     assert model.config.rope_parameters["rope_theta"] == 10000.0
     assert model.config.num_key_value_heads == 1 and model.config.tie_word_embeddings

@@ -361,7 +361,7 @@ def _pretrain(model, stream, config: EmbeddedConfig, steps: int, seed: int, prog
     for step in bar:
         if cursor + B > len(order):  # next epoch: a fresh permutation
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor : cursor + B]]  # (B, T)
+        batch = blocks[order[cursor : cursor + B]].to(model.device)  # (B, T)
         cursor += B
         scale = _lr_scale(step, config, steps)
         for optimizer in optimizers:
@@ -395,7 +395,7 @@ def window_perplexity(model, documents: list, length: int, max_windows: int, bat
     losses = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            batch = torch.stack(windows[i : i + batch_size])  # (b, length)
+            batch = torch.stack(windows[i : i + batch_size]).to(model.device)  # (b, length)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (b, length-1, V)
             nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (b, length-1)
             losses.extend(nll.mean(dim=1).tolist())
@@ -421,6 +421,7 @@ def build_base_model(
     progress: bool = True,
     config: EmbeddedConfig | None = None,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Train the tokenizer and pretrain the embedded model; write it to `output_dir` and return that path.
 
@@ -429,7 +430,8 @@ def build_base_model(
         beside it that replaces `output_dir` only when complete, so an interrupted build leaves nothing behind.
     steps: optimiser steps (default: the recipe's `config.steps`). config: the recipe (default EmbeddedConfig()).
     overwrite: replace an existing non-empty `output_dir` (always done for the default cache location).
-    Same seed, config and machine: the same weights.
+    device: where the pretraining runs ("cuda": the recipe in seconds, other weights than a CPU build); the model
+    is written from the CPU either way. Same seed, config, device and machine: the same weights.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -460,11 +462,12 @@ def build_base_model(
             stream = _token_stream(tokenizer, train_texts)  # (N,)
 
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(model_config(config, tokenizer))
+            model = LlamaForCausalLM(model_config(config, tokenizer)).to(device)
             losses = _pretrain(model, stream, config, config.steps, seed, progress)
 
             heldout_docs = [torch.tensor(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(heldout_texts)]
             heldout_ppl = window_perplexity(model, heldout_docs, config.context_length, config.heldout_windows)
+            model = model.cpu()
 
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
@@ -500,6 +503,7 @@ def build_base_model(
             "train_loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
             f"heldout_perplexity@{config.context_length}": heldout_ppl,
             "threads": threads,
+            "device": str(torch.device(device)),
             "torch": torch.__version__,
             "build_seconds": round(time.time() - started, 1),
         }
