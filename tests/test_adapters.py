@@ -297,6 +297,19 @@ def test_adapters_are_not_applied_twice():
         apply_lora_plus(model)
 
 
+def test_forward_hooks_on_the_transformers_model_fire_through_peft():
+    """S2, the memory plan and sequence parallelism hook the transformers model: calling the PEFT model must reach
+    it through __call__ (PEFT < 0.21 called its .forward, which skips hooks; apply_lora_plus routes it)."""
+    from longlora.adapters import base_model
+
+    model = apply_lora_plus(tiny_model("llama"))
+    calls = []
+    handle = base_model(model).register_forward_pre_hook(lambda module, args: calls.append(module))
+    model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+    handle.remove()
+    assert calls == [base_model(model)]
+
+
 def test_every_tiny_architecture_gets_lora_plus():
     for arch in ARCHS:
         counts = trainable_parameter_counts(apply_lora_plus(tiny_model(arch)))

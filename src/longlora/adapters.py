@@ -19,9 +19,8 @@ import types
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version
 
-from packaging.version import Version
-
 import torch
+from packaging.version import Version
 from torch import nn
 
 FINETUNES = ("lora_plus", "lora", "full")

@@ -16,9 +16,9 @@ Llama-3's 128,256 entries; 48 GiB at 32k tokens). Three settings bound the rest:
   activation checkpointing, so one tile's intermediate activations (3 x tokens x intermediate) exist instead of the
   sequence's. It costs one more MLP forward per layer in backward; `auto` tiles forwards of at least
   `TILED_MLP_AUTO_TOKENS` tokens (benchmarks/memory.py measured where it pays).
-- `offload_checkpoints` (default off; `longlora.offload`): the input each checkpointed decoder layer keeps for its recompute is copied
-  to (pinned) host memory in the forward and brought back for the recompute; on CUDA both copies run on a side
-  stream, and the recompute of layer i prefetches layer i-1's input while layer i is recomputed.
+- `offload_checkpoints` (default off; `longlora.offload`): the input each checkpointed decoder layer keeps for its
+  recompute is copied to (pinned) host memory in the forward and brought back for the recompute; on CUDA both copies
+  run on a side stream, and the recompute of layer i prefetches layer i-1's input while layer i is recomputed.
 
 `apply_memory_plan(model, ...)` installs them on a model (per-instance hooks; no class is patched) for the Trainer or
 one's own loop; `longlora train` calls it with the run's options. Eval-mode forwards and forwards without labels
