@@ -8,6 +8,7 @@ that counts every tensor allocated (inputs excluded) until its storage is freed.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -193,18 +194,19 @@ def output_path(parser, output, smoke: bool, name: str) -> Path:
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit (with '-dirty' when tracked files differ from it), or None outside a checkout."""
+    """The repository's HEAD commit (with '-dirty' when tracked files differ from it); outside a checkout (the device
+    machine gets a copy of the working tree without .git) $LONGLORA_COMMIT, which the device command sets; else None."""
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20)
 
     try:
         head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        if head.returncode == 0:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+        pass
+    return os.environ.get("LONGLORA_COMMIT") or None
 
 
 def device_meta(device: torch.device) -> dict:

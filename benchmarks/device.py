@@ -11,7 +11,10 @@ embedded_base stages need wheels carried along. Download them once here (`bash b
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
-        python benchmarks/device.py --budget-seconds 720 --output-dir $OUT
+        LONGLORA_COMMIT=<this checkout's HEAD> python benchmarks/device.py --budget-seconds 720 --output-dir $OUT
+
+(The device gets the working tree without .git: LONGLORA_COMMIT is the commit recorded in each result's meta, and
+a result without one never counts as committed.)
 
 Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py):
   correctness    `pytest -m gpu`; gpu.py's table (a), every backend against the float64 reference; a model forward +

@@ -200,3 +200,14 @@ def test_device_modules_import_nothing_the_device_image_lacks():
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks"), str(ROOT / "src")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_commit_of_a_tree_without_git_comes_from_the_device_command(tmp_path, monkeypatch):
+    """The device machine gets the working tree without .git: the commit in a result's meta is LONGLORA_COMMIT."""
+    import _measure
+
+    monkeypatch.setattr(_measure, "ROOT", tmp_path)  # a tree git knows nothing of
+    monkeypatch.delenv("LONGLORA_COMMIT", raising=False)
+    assert _measure.git_commit() is None
+    monkeypatch.setenv("LONGLORA_COMMIT", "0123abcd")
+    assert _measure.git_commit() == "0123abcd"
