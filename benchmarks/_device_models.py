@@ -42,21 +42,6 @@ def cli(*args, log: Path, timeout: float) -> None:
         raise RuntimeError(f"longlora {args[0]} exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}")
 
 
-def write_split(directory: Path, split: str, limit: int | None) -> Path:
-    """The standard library's `split` (longlora.embedded's held-out rule) as a directory of .py files: the corpus
-    `longlora train` and `eval` read. limit: an even sample of that many files."""
-    from longlora.embedded import stdlib_texts
-
-    texts = stdlib_texts(split)
-    if limit is not None:
-        texts = texts[:: max(1, len(texts) // limit)][:limit]
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    for i, text in enumerate(texts):
-        (directory / f"{i:05d}.py").write_text(text)
-    return directory
-
-
 def perplexities(path: Path) -> dict[int, float]:
     report = json.loads(path.read_text())
     (entry,) = report["models"].values()
@@ -114,6 +99,7 @@ def real_model(ctx) -> dict:
     if missing("datasets"):
         return dict(status=f"not run: datasets missing (`longlora train` reads its corpus through it; {WHEELS})")
     from longlora.convert import smollm2_model_path
+    from longlora.embedded import write_stdlib_split
 
     p = REAL_SMOKE if ctx.smoke else REAL
     cuda = ctx.device.type == "cuda"
@@ -121,8 +107,8 @@ def real_model(ctx) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log = ctx.output_dir / "real_model.log"
     base = smollm2_model_path()  # converted once into the cache ($LONGLORA_CACHE or ~/.cache/longlora)
-    train_dir = write_split(work / "train", "train", p["train_files"])
-    heldout = write_split(work / "heldout", "heldout", None if cuda else 10)
+    train_dir = write_stdlib_split(work / "train", "train", p["train_files"])
+    heldout = write_stdlib_split(work / "heldout", "heldout", None if cuda else 10)
     lengths = [p["original"] * m for m in (1, 2, 4)]
     target = lengths[-1]
     adapter = work / "extended"
@@ -192,7 +178,7 @@ def embedded_base(ctx) -> dict:
     import torch
     from _fidelity_recipe import pretrain_base, tokenize_corpus
 
-    from longlora.embedded import METADATA_FILE, stdlib_texts
+    from longlora.embedded import METADATA_FILE, stdlib_texts, write_stdlib_split
     from longlora.embedded_shipping import ship_model
     from longlora.evaluate.passkey import run_passkey
     from longlora.modeling import load_model_and_tokenizer
@@ -229,7 +215,7 @@ def embedded_base(ctx) -> dict:
         return result
     target = native * 4
     log = ctx.output_dir / "embedded_base.log"
-    train_dir = write_split(work / "train", "train", p["train_files"] or 200)
+    train_dir = write_stdlib_split(work / "train", "train", p["train_files"] or 200)
     adapter = work / "extended"
     cli("train", "--model", shipped, "--data", train_dir, "--output-dir", adapter, "--overwrite-output-dir", "true",
         "--context-length", target, "--rope-factor", 4, "--attention", "s2", "--finetune", "lora_plus",

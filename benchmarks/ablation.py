@@ -51,7 +51,8 @@ def main(argv=None):
 
     from longlora.embedded_shipping import embedded_model_path
     from longlora.io import write_json
-    from longlora.quickstart import BASE_LENGTH, FACTOR, _write_split
+    from longlora.embedded import write_stdlib_split
+    from longlora.quickstart import BASE_LENGTH, FACTOR
     from longlora.checkpoints import SUMMARY
 
     rows = [r for r in args.rows.split(",") if r]
@@ -62,8 +63,8 @@ def main(argv=None):
     variance_rows = {r for r in args.variance_rows.split(",") if r}
     work = Path(args.work_dir)
     base = embedded_model_path()
-    train_dir = _write_split(work / "data" / "train", "train", args.train_files)
-    heldout_dir = _write_split(work / "data" / "heldout", "heldout", None)
+    train_dir = write_stdlib_split(work / "data" / "train", "train", args.train_files)
+    heldout_dir = write_stdlib_split(work / "data" / "heldout", "heldout")
     target = BASE_LENGTH * FACTOR
     lengths = [BASE_LENGTH, target]
 

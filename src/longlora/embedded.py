@@ -198,6 +198,25 @@ def stdlib_texts(split: str) -> list[str]:
     return [(root / p).read_bytes().decode("utf-8", errors="replace") for p in (train if split == "train" else heldout)]
 
 
+def write_stdlib_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> Path:
+    """One split as a directory of the stdlib's files (the corpus format `longlora train` and `eval` read), replacing
+    `directory`. limit: an even sample of that many files, so that a short run still sees every part of the library."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    train, heldout = stdlib_split()
+    paths = train if split == "train" else heldout
+    if limit is not None:
+        paths = paths[:: max(1, len(paths) // limit)][:limit]
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    root = stdlib_root()
+    for rel in paths:
+        (directory / rel.replace("/", "__")).write_bytes((root / rel).read_bytes())
+    return directory
+
+
 def _corpus_fingerprint(paths: list[str], texts: list[str]) -> str:
     digest = hashlib.sha256()
     for path, text in zip(paths, texts):

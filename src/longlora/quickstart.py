@@ -46,24 +46,6 @@ FAST = QuickstartPlan(train_steps=16, train_files=60, eval_windows=12, passkey_t
 PASSKEY_TEMPLATES = ("paper", "code")
 
 
-def _write_split(directory: Path, split: str, limit: int | None) -> Path:
-    """The stdlib split as a directory of text files (the corpus format `train` and `eval` read)."""
-    from .embedded import stdlib_root, stdlib_split
-
-    train, heldout = stdlib_split()
-    paths = train if split == "train" else heldout
-    if limit is not None:
-        # an even sample of the split: a fast run still sees every part of the library
-        paths = paths[:: max(1, len(paths) // limit)][:limit]
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    root = stdlib_root()
-    for rel in paths:
-        (directory / rel.replace("/", "__")).write_bytes((root / rel).read_bytes())
-    return directory
-
-
 def _passkeys(model, tokenizer, length: int, trials: int, seed: int, label: str) -> dict[str, dict[str, Any]]:
     """Passkey retrieval at `length` with both templates (the default depths 0 .. 1): {template: result}."""
     from .evaluate.passkey import run_passkey
@@ -109,6 +91,7 @@ def run_quickstart(output: str | os.PathLike = "runs/quickstart", *, fast: bool 
 def _run(output, fast: bool, cache_dir, seed: int, rebuild_base: bool) -> dict[str, Any]:
     import torch
 
+    from .embedded import write_stdlib_split
     from .embedded_shipping import embedded_model_path
     from .io import write_json
     from .merge import merge_adapter
@@ -126,8 +109,8 @@ def _run(output, fast: bool, cache_dir, seed: int, rebuild_base: bool) -> dict[s
     print("[1/5] embedded base model", flush=True)
     base = embedded_model_path(cache_dir, rebuild=rebuild_base)
     data_dir = out / "data"
-    train_dir = _write_split(data_dir / "train", "train", plan.train_files)
-    heldout_dir = _write_split(data_dir / "heldout", "heldout", None)
+    train_dir = write_stdlib_split(data_dir / "train", "train", plan.train_files)
+    heldout_dir = write_stdlib_split(data_dir / "heldout", "heldout")
 
     print("[2/5] the base model before extension", flush=True)
     model, tokenizer = load_model_and_tokenizer(str(base), dtype="float32", device="cpu")

@@ -174,15 +174,11 @@ def head_dim_supported(head_dim: int, value_dim: int | None = None) -> bool:
     return head_dim % 8 == 0 and head_dim <= 256 and (value_dim is None or value_dim == head_dim)
 
 
-_RNG_STATES: dict[torch.device, torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _unused_rng_state(device: torch.device) -> torch.Tensor:
     """The (2,) uint64 RNG state the backward op takes, one per device: without dropout it is never read, and a
     new one per call would be one more allocation and fill per head block and layer."""
-    if device not in _RNG_STATES:
-        _RNG_STATES[device] = torch.zeros(2, dtype=torch.uint64, device=device)
-    return _RNG_STATES[device]
+    return torch.zeros(2, dtype=torch.uint64, device=device)
 
 
 def _backward_op_matches() -> bool:
