@@ -86,7 +86,24 @@ REAL = dict(original=8192, factor=4, steps=60, batch=1, accumulation=8, learning
             trials=2, depths="0,0.25,0.5,0.75,1", train_files=None)
 REAL_SMOKE = dict(REAL, original=256, steps=2, accumulation=1, warmup=0, windows=1, trials=1, depths="0.5",
                   train_files=20)
-"""Smoke: SmolLM2's positions are 8192, so the tiny run trains 256 -> 1024 tokens with PI x4 forced."""
+"""Smoke: a copy of SmolLM2 whose config says 256 positions (`smoke_base`), trained 256 -> 1024 with PI x4: the
+code path in seconds on a CPU (`longlora train` refuses a context below the model's own 8192)."""
+
+
+def smoke_base(base: Path, work: Path, positions: int) -> Path:
+    """`base` as a directory whose config.json declares `positions` positions; its other files are links to the
+    base's (no copy of the weights)."""
+    out = work / f"smollm2-{positions}"
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((base / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def real_model(ctx) -> dict:
@@ -107,6 +124,8 @@ def real_model(ctx) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log = ctx.output_dir / "real_model.log"
     base = smollm2_model_path()  # converted once into the cache ($LONGLORA_CACHE or ~/.cache/longlora)
+    if ctx.smoke:
+        base = smoke_base(base, work, p["original"])
     train_dir = write_stdlib_split(work / "train", "train", p["train_files"])
     heldout = write_stdlib_split(work / "heldout", "heldout", None if cuda else 10)
     lengths = [p["original"] * m for m in (1, 2, 4)]

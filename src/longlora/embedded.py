@@ -361,8 +361,23 @@ def _optimizers(model, config: EmbeddedConfig) -> list:
     ]
 
 
-def _pretrain(model, stream, config: EmbeddedConfig, steps: int, seed: int, progress: bool) -> list[float]:
-    """Plain AdamW loop over shuffled, non-overlapping `context_length` blocks of the stream; returns the losses."""
+def recipe_start(config: EmbeddedConfig, train_texts: list[str], seed: int = 0, device: str = "cpu"):
+    """The recipe's first moves: its tokenizer trained on `train_texts`, their token stream, and the model
+    initialised from `seed` on `device`. Returns (tokenizer, stream, model)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = train_tokenizer(train_texts, config.vocab_size)
+    stream = _token_stream(tokenizer, train_texts)  # (N,)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(config, tokenizer)).to(device)
+    return tokenizer, stream, model
+
+
+def _pretrain(model, stream, config: EmbeddedConfig, steps: int, seed: int, progress: bool,
+              stop_after: int | None = None) -> list[float]:
+    """Plain AdamW loop over shuffled, non-overlapping `context_length` blocks of the stream; returns the losses.
+    stop_after: run only the first that many steps of the `steps`-step schedule (a check of a build's start)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -376,7 +391,8 @@ def _pretrain(model, stream, config: EmbeddedConfig, steps: int, seed: int, prog
     optimizers = _optimizers(model, config)
     model.train()
     losses, cursor = [], 0
-    bar = tqdm(range(steps), desc="pretraining the embedded model", unit="step", disable=not progress)
+    run = steps if stop_after is None else min(steps, stop_after)
+    bar = tqdm(range(run), desc="pretraining the embedded model", unit="step", disable=not progress)
     for step in bar:
         if cursor + B > len(order):  # next epoch: a fresh permutation
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
@@ -453,7 +469,6 @@ def build_base_model(
     is written from the CPU either way. Same seed, config, device and machine: the same weights.
     """
     import torch
-    from transformers import LlamaForCausalLM
 
     config = config or EmbeddedConfig()
     if steps is not None:
@@ -477,11 +492,7 @@ def build_base_model(
             train_texts, heldout_texts = stdlib_texts("train"), stdlib_texts("heldout")
             if config.max_train_files is not None:
                 train_paths, train_texts = train_paths[: config.max_train_files], train_texts[: config.max_train_files]
-            tokenizer = train_tokenizer(train_texts, config.vocab_size)
-            stream = _token_stream(tokenizer, train_texts)  # (N,)
-
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(model_config(config, tokenizer)).to(device)
+            tokenizer, stream, model = recipe_start(config, train_texts, seed, device)
             losses = _pretrain(model, stream, config, config.steps, seed, progress)
 
             heldout_docs = [torch.tensor(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(heldout_texts)]
