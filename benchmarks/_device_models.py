@@ -69,7 +69,13 @@ def fidelity(ctx) -> dict:
     if ctx.smoke:  # fewer rows and one seed: the code path, in seconds
         argv += ["--smoke", "--rows", FIDELITY_SMOKE_ROWS, "--seeds", "0", "--set",
                  f"base_steps={FIDELITY_SMOKE_BASE_STEPS}"]
-    fidelity_gpu.main(argv, started=time.time())
+    import torch
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        fidelity_gpu.main(argv, started=time.time())
+    finally:  # fidelity_gpu turns TF32 on for its fp32 evaluation: the stages after it run as they would alone
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     result = json.loads(written.read_text())
     shutil.copyfile(written.with_suffix(".png"), ctx.output_dir / "fidelity.png")
     claims = result["claims"]["this run"]
@@ -122,7 +128,7 @@ def real_model(ctx) -> dict:
     cuda = ctx.device.type == "cuda"
     work = ctx.work_dir / "real_model"
     work.mkdir(parents=True, exist_ok=True)
-    log = ctx.output_dir / "real_model.log"
+    log = work / "real_model.log"
     base = smollm2_model_path()  # converted once into the cache ($LONGLORA_CACHE or ~/.cache/longlora)
     if ctx.smoke:
         base = smoke_base(base, work, p["original"])
@@ -191,7 +197,7 @@ def embedded_plan(smoke: bool, base_seconds: float):
 def embedded_base(ctx) -> dict:
     """Pretrain the quickstart's embedded base (same size: the CPU quickstart's extension time is unchanged) on
     the GPU for longer, check that the base retrieves (passkey, code template, at its native length), write its
-    float16 weights in the shipped form (<output-dir>/embedded_base/, to be reviewed and copied into
+    float16 weights in the shipped form (embedded_base/ in <output-dir>/artifacts.tar, to be reviewed and copied into
     src/longlora/embedded_base/), then extend it 4x through the CLI and check PI only vs extended at 4x.
     Figures: base passkey >= 80 % at its length; extended >= 80 % at 4x."""
     import torch
@@ -226,14 +232,14 @@ def embedded_base(ctx) -> dict:
     metadata = dict(name="longlora-embedded (GPU candidate)", recipe=asdict(plan), pretraining=base,
                     **{f"passkey_code@{native}": key}, device=str(device), torch=torch.__version__)
     (base_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")  # marks a complete build
-    shipped = ship_model(base_dir, ctx.output_dir / "embedded_base")
-    result = dict(status="ok", plan=asdict(plan), base=base, shipped=str(shipped), passkey_base=key,
+    shipped = ship_model(base_dir, ctx.output_dir / "embedded_base")  # device.py packs it into artifacts.tar
+    result = dict(status="ok", plan=asdict(plan), base=base, shipped=shipped.name, passkey_base=key,
                   figures=[figure(f"base passkey (code) at {native}", native, 0.8, key)])
     if missing("datasets"):
         result["extension"] = f"not run: datasets missing (`longlora train` reads its corpus through it; {WHEELS})"
         return result
     target = native * 4
-    log = ctx.output_dir / "embedded_base.log"
+    log = work / "embedded_base.log"
     train_dir = write_stdlib_split(work / "train", "train", p["train_files"] or 200)
     adapter = work / "extended"
     cli("train", "--model", shipped, "--data", train_dir, "--output-dir", adapter, "--overwrite-output-dir", "true",

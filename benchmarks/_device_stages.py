@@ -8,7 +8,7 @@ are checked, and mostly missed, on CPU: the point there is that the code runs).
 
 from __future__ import annotations
 
-import gc
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +16,7 @@ import time
 
 import gpu
 import torch
-from _measure import ROOT, full_attention, group_size_for, make_inputs, time_and_peak
+from _measure import ROOT, full_attention, group_size_for, make_inputs, timed_peak
 
 from longlora.attention import resolve_backend, s2_attention, token_layout
 
@@ -52,8 +52,11 @@ def run_gpu_tests(timeout: float) -> dict:
     """`pytest -m gpu` in a subprocess: its counts, exit status and the tail of its output."""
     files = gpu_test_files()
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files]
+    # this checkout's src first: the device has the tree, not an installed longlora
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(10.0, timeout))
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=max(10.0, timeout))
     except subprocess.TimeoutExpired:
         return dict(command=" ".join(command), returncode=None, error=f"timed out after {timeout:.0f}s")
     text = done.stdout + done.stderr
@@ -69,44 +72,73 @@ SYNC_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, n
 """Head dim 64, GQA: the shapes the varlen path serves."""
 
 
+def _sync_checked(fn) -> dict:
+    """fn() with host-device synchronisation raising (CUDA's sync debug mode "error"), set by fn where it wants it;
+    {ok, message}."""
+    try:
+        fn()
+        return dict(ok=True)
+    except RuntimeError as err:
+        return dict(ok=False, message=" ".join(str(err).split())[:500])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 def sync_debug_step(device, dtype, length: int) -> dict:
-    """A LoRA+ model's forward + backward with S2 on a left-padded batch (the varlen path on CUDA), the second one
-    under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises. The loss is the logits' mean,
-    not the labelled loss (cross-entropy's ignore_index may synchronise: that would not be S2's)."""
+    """A model's forward + backward with S2 (the varlen path on CUDA), checked for host synchronisation with
+    torch.cuda.set_sync_debug_mode("error"): in the forward inside the attention modules only (the mask and the loss
+    around them are transformers'), in the backward as a whole. Two layouts: regular (no padding; the figure: no
+    synchronisation at all) and left-padded (recorded: building a padded layout reads its lengths once per forward,
+    a known synchronisation). The loss is the logits' mean, not the labelled loss (cross-entropy's ignore_index may
+    synchronise: that would not be S2's)."""
     import longlora
+    from longlora.integration import attention_modules
 
     model = gpu.build_model(dict(model=SYNC_MODEL), device, dtype, length)
     longlora.enable_s2_attention(model)
     ids = torch.randint(0, SYNC_MODEL["vocab_size"], (2, length), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[0, : length // 5] = 0  # left padding: the ragged layout
-    ids, mask = ids.to(device), mask.to(device)
+    padded = torch.ones(2, length, dtype=torch.long)
+    padded[0, : length // 5] = 0  # left padding: the ragged layout
+    ids, padded = ids.to(device), padded.to(device)
     head_dim = SYNC_MODEL["hidden_size"] // SYNC_MODEL["num_attention_heads"]
     probe = torch.zeros(2, SYNC_MODEL["num_attention_heads"], length, head_dim, device=device, dtype=dtype)
     kv = probe[:, : SYNC_MODEL["num_key_value_heads"]]
-    backend = resolve_backend(probe, kv, kv, token_layout(2, length, device, attention_mask=mask.bool()),
-                              group_size_for(length))
-
-    def step():
-        model(input_ids=ids, attention_mask=mask).logits.float().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    step()  # warm-up: caches (cu_seqlens, kernels) may be filled with synchronising calls once
+    backend = resolve_backend(probe, kv, kv, token_layout(2, length, device), group_size_for(length))
     result = dict(length=length, batch=2, left_padding=length // 5, backend=backend, dtype=str(dtype))
+
+    def forward(mask):
+        return model(input_ids=ids, attention_mask=mask).logits.float().mean()
+
     if device.type != "cuda":
-        step()
+        forward(None).backward()
         result.update(mode="n/a on CPU (sync debug mode is CUDA's)", ok=True)
+        del model
         return result
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        result.update(mode="error", ok=True)
-    except RuntimeError as err:
-        result.update(mode="error", ok=False, message=" ".join(str(err).split())[:500])
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    modules = attention_modules(model)
+    for label, mask in (("regular", None), ("padded", padded)):
+        forward(mask).backward()  # warm-up: caches (cu_seqlens, kernels) may be filled with synchronising calls once
+        model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        loss = {}
+        hooks = [h for m in modules for h in (
+            m.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
+            m.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default"), always_call=True))]
+        try:
+            fwd = _sync_checked(lambda: loss.update(value=forward(mask)))  # noqa: B023  (called at once)
+        finally:
+            for h in hooks:
+                h.remove()
+        if "value" not in loss:
+            loss["value"] = forward(mask)
+
+        def backward():
+            torch.cuda.set_sync_debug_mode("error")
+            loss["value"].backward()  # noqa: B023  (called at once)
+
+        result[label] = dict(forward=fwd, backward=_sync_checked(backward))
+        model.zero_grad(set_to_none=True)
+    result.update(mode="error", ok=result["regular"]["forward"]["ok"] and result["regular"]["backward"]["ok"])
     del model
     gpu.free(device)
     return result
@@ -119,7 +151,7 @@ def correctness(ctx) -> dict:
     failed = [r for r in table if r["status"] in ("FAIL", "ERROR")]
     sync = sync_debug_step(device, dtype, 64 if ctx.smoke else 2048)
     tests = run_gpu_tests(min(300.0, ctx.seconds_left() - 10))
-    print(f"sync debug: backend {sync['backend']}, {'ok' if sync['ok'] else 'FAILED: ' + sync.get('message', '')}; "
+    print(f"sync debug: backend {sync['backend']}, regular layout {'ok' if sync['ok'] else 'FAILED'}; "
           f"pytest -m gpu: {tests.get('counts')} (exit {tests['returncode']})", flush=True)
     figures = [figure("every backend within its bound", 0, 0, len(failed), at_least=False),
                figure("no host synchronisation (varlen forward + backward)", sync["length"], 1, int(sync["ok"])),
@@ -134,6 +166,7 @@ def correctness(ctx) -> dict:
 def profile_op(device, dtype, cfg: dict, length: int, backend: str) -> dict:
     """torch.profiler over one S2 op fwd+bwd (backend `backend`) at `length`: wall time, time in device kernels
     and the ops that took it, so a missed figure says where the time went (kernels, or launches and host work)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     q, k, v = make_inputs(length, cfg["op_heads"], cfg["op_kv_heads"], cfg["op_head_dim"], device, dtype)
@@ -156,16 +189,18 @@ def profile_op(device, dtype, cfg: dict, length: int, backend: str) -> dict:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - started
         events = prof.key_averages()
-
-        def device_us(e):
-            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) or 0
-
-        kernels = sum(device_us(e) for e in events) / 1e3
-        top = sorted(events, key=lambda e: (device_us(e), e.self_cpu_time_total), reverse=True)[:12]
+        # the kernels' own rows only: a CPU op's row also counts the device time of the kernels it launched
+        kernels_rows = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernels = sum(e.self_device_time_total for e in kernels_rows) / 1e3
+        top = sorted(kernels_rows, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        top_cpu = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
+                         reverse=True)[:8]
         out[variant] = dict(wall_ms=wall * 1e3, kernel_ms=kernels, kernel_fraction=kernels / (wall * 1e3),
-                            launches=sum(e.count for e in events if device_us(e) > 0),
-                            top=[dict(name=e.key[:120], calls=e.count, device_ms=device_us(e) / 1e3,
-                                      cpu_ms=e.self_cpu_time_total / 1e3) for e in top])
+                            launches=sum(e.count for e in kernels_rows),
+                            top=[dict(name=e.key[:120], calls=e.count, device_ms=e.self_device_time_total / 1e3)
+                                 for e in top],
+                            top_cpu=[dict(name=e.key[:120], calls=e.count, cpu_ms=e.self_cpu_time_total / 1e3)
+                                     for e in top_cpu])
         q.grad = k.grad = v.grad = None
     del q, k, v
     gpu.free(device)
@@ -221,6 +256,9 @@ def speed(ctx) -> dict:
 
 MEMORY_MODELS = ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-1B")
 SMOKE_MEMORY = dict(start=64, limit=128, layers=2)
+FULL_COMPARISON_MAX = 65536
+"""S2 vs full attention is timed at the longest length both fit up to this one (64k): full attention's step at
+256k+ would take minutes of the budget."""
 """Smoke: the smoke width (memory.SMOKE_WIDTH), 2 layers, 64 -> 128 tokens; the GPU run doubles from 32k up to
 1M tokens or until a step does not fit."""
 
@@ -266,7 +304,7 @@ def memory(ctx) -> dict:
         with torch.device(device):  # a random 8B model initialises in seconds on the GPU, minutes on the CPU
             model = memory_benchmark.build(width, layers, max(lengths), dtype)
         apply_memory_plan(model, **settings)
-        last = {"seconds": 0.0}
+        last = {"seconds": 0.0, "warm": False}
 
         def measure(length: int, attention: str) -> dict:
             (longlora.enable_s2_attention if attention == "s2" else longlora.disable_s2_attention)(model)
@@ -282,13 +320,20 @@ def memory(ctx) -> dict:
             pred = predict(shape, length, dtype=dtype, prefetch=cuda, **settings)
             row = dict(length=length, attention=attention, plan_peak_gib=pred.peak / GiB,
                        plan_step_tensors_gib=step_tensors(pred) / GiB, plan_fits=pred.peak <= usable_bytes(gpu_gib))
+            if not last["warm"]:  # the model's first step pays kernel loading and library set-up: untimed
+                last["warm"] = True
+                step()
+            oom = None
             try:
-                seconds, peak = time_and_peak(step, device, repeats=1, warmup=0)
-            except torch.OutOfMemoryError:
+                seconds, peak = timed_peak(step, device)
+            except RuntimeError as err:  # torch.OutOfMemoryError, or a kernel's own "out of memory"
+                if "out of memory" not in str(err).lower():
+                    raise
+                oom = " ".join(str(err).split())[:200]
+            if oom is not None:  # freed outside the except: its traceback holds the failed step's tensors
                 model.zero_grad(set_to_none=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-                return dict(row, fits=False, error="out of memory")
+                gpu.free(device)
+                return dict(row, fits=False, error=f"out of memory: {oom}")
             total = torch.cuda.max_memory_allocated() if cuda else None
             gpu.free(device)
             last["seconds"] = seconds
@@ -301,7 +346,7 @@ def memory(ctx) -> dict:
             if cuda and pred.peak > 1.2 * usable_bytes(gpu_gib):  # plan says far too big: not worth the time
                 print(f"  {name} {length}: plan predicts {pred.peak / GiB:.0f} GiB, not tried", flush=True)
                 return None
-            if 3 * 2 * last["seconds"] > ctx.seconds_left() - 20:  # two steps, at most ~3x the last length's
+            if 4 * last["seconds"] > ctx.seconds_left() - 20:  # one step, up to 4x the last length's (attention)
                 print(f"  {name} {length}: not tried, {ctx.seconds_left():.0f}s left", flush=True)
                 return None
             row = measure(length, "s2")
@@ -312,7 +357,13 @@ def memory(ctx) -> dict:
 
         rows, longest = longest_fit(lengths, try_s2)
         comparison = None
-        for length in sorted((r["length"] for r in rows if r["fits"]), reverse=True):  # the longest both fit
+        for length in sorted((r["length"] for r in rows if r["fits"] and r["length"] <= FULL_COMPARISON_MAX),
+                             reverse=True):  # the longest both fit, up to FULL_COMPARISON_MAX
+            s2_seconds = next(r["seconds_per_step"] for r in rows if r["length"] == length)
+            # full attention costs up to (4 / 3) x L / G more in attention, G = L / 4: ~5x S2's step at most
+            if 5 * s2_seconds > ctx.seconds_left() - 20:
+                print(f"  {name} {length}: full attention not tried, {ctx.seconds_left():.0f}s left", flush=True)
+                continue
             full = measure(length, "full")
             if full["fits"]:
                 s2 = next(r for r in rows if r["length"] == length)

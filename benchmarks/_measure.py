@@ -145,6 +145,24 @@ def time_and_peak(step, device, repeats, exclude=(), warmup=1):
     return (sorted(times)[len(times) // 2] if times else float("nan")), peak
 
 
+def timed_peak(step, device):
+    """Seconds and peak bytes of one run of `step()` (both from the same run: for steps too long to run twice)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+    with PeakTensorMemory() as tracker:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    return seconds, tracker.peak
+
+
 def group_size_for(length: int, ratio: float = 0.25) -> int:
     """The group size the library uses for a length (ratio x L, even)."""
     from longlora.attention import group_size_from_ratio

