@@ -21,4 +21,14 @@ if [ ${#wheels[@]} -gt 0 ]; then
 else
   echo "no wheels carried (.whl/ is empty): the CLI stages will report not run" >&2
 fi
+# what the image holds, for the record (datasets 5.2 wants a recent pyarrow; an import error here explains a
+# "not run" of the CLI stages)
+python3 - <<'PY' || true
+import importlib
+for name in ("torch", "transformers", "peft", "accelerate", "tokenizers", "pyarrow", "datasets", "gguf"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as err:  # noqa: BLE001
+        print(f"{name}: {type(err).__name__}: {err}")
+PY
 exec python3 benchmarks/device.py "$@"
