@@ -67,7 +67,7 @@ def test_smoke_runs_every_stage_and_writes_its_json(smoke):
                                                            ["device.json", device.ARTIFACTS])
     with tarfile.open(out / device.ARTIFACTS) as tar:
         assert {"speed.png", "fidelity.png", "embedded_base/model.safetensors"} <= set(tar.getnames())
-    assert (out.parent / "work" / "real_model").is_dir() and (out.parent / "work" / "fidelity").is_dir()
+    assert (out.parent / "work" / "fidelity").is_dir() and (out.parent / "work" / "embedded_base").is_dir()
 
 
 def test_smoke_correctness_and_speed(smoke):
