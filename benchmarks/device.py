@@ -68,6 +68,7 @@ ESTIMATE_SECONDS = {  # a stage is started only when this much of the budget is 
 """Seconds each stage needs (GPU: from gpu.py's and fidelity_gpu.py's plans; smoke: measured on 2 CPU cores).
 fidelity takes what is left, up to its 9 minutes: 480 s is its fixed part (corpus, base pretraining, the rows'
 least steps and evaluations)."""
+DEVICE_CALL_SECONDS = 600
 BUDGET_SECONDS = 500.0
 """The default budget: one device command runs at most 600 s, and a session's 15 device minutes include the
 machine's start (a minute or two) and the transfers, so 500 s leaves room to rerun one stage."""
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         print("note: no CUDA device; the full-size stages on the CPU would take hours (use --smoke)", flush=True)
+    if not args.smoke and args.budget_seconds > DEVICE_CALL_SECONDS - 30:
+        print(f"note: --budget-seconds {args.budget_seconds:.0f}: the device tool stops a command at "
+              f"{DEVICE_CALL_SECONDS} s; a stage still running then is lost (default {BUDGET_SECONDS:.0f})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="longlora-device-"))
     if work.resolve().is_relative_to(out.resolve()):
