@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from _device_stages import figure
-from _measure import ROOT
+from _measure import ROOT, src_env
 
 WHEELS = "carry it as a wheel: bash benchmarks/device_wheels.sh, then the device command in benchmarks/device.py"
 
@@ -32,10 +31,9 @@ def missing(*modules: str) -> list[str]:
 def cli(*args, log: Path, timeout: float) -> None:
     """`longlora ARGS` in a subprocess (this checkout's src first on the path); its output appended to `log`. A
     failure raises with the output's tail: the stage records it."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "longlora.cli", *map(str, args)]
     print("  $ longlora " + " ".join(map(str, args)), flush=True)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(30.0, timeout))
+    done = subprocess.run(command, cwd=ROOT, env=src_env(), capture_output=True, text=True, timeout=max(30.0, timeout))
     with open(log, "a") as f:
         f.write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}\n")
     if done.returncode != 0:
@@ -206,7 +204,7 @@ def embedded_base(ctx) -> dict:
     import torch
     from _fidelity_recipe import pretrain_base, tokenize_corpus
 
-    from longlora.embedded import METADATA_FILE, stdlib_texts, write_stdlib_split
+    from longlora.embedded import METADATA_FILE, even_sample, stdlib_texts, write_stdlib_split
     from longlora.embedded_shipping import ship_model
     from longlora.evaluate.passkey import run_passkey
     from longlora.modeling import load_model_and_tokenizer
@@ -216,9 +214,7 @@ def embedded_base(ctx) -> dict:
     # what the time left allows: the base gets what remains after the evaluation and the extension (~60 s)
     plan = embedded_plan(ctx.smoke, max(30.0, min(p.get("base_seconds", 0.0), ctx.seconds_left() - 90)))
     work = ctx.work_dir / "embedded_base"
-    train = stdlib_texts("train")
-    if p["train_files"]:  # an even sample
-        train = train[:: max(1, len(train) // p["train_files"])][: p["train_files"]]
+    train = even_sample(stdlib_texts("train"), p["train_files"])
     corpus = dict(train=[(str(i), t) for i, t in enumerate(train)],
                   heldout=[(str(i), t) for i, t in enumerate(stdlib_texts("heldout"))])
     tokenizer, stream, heldout = tokenize_corpus(corpus, plan)

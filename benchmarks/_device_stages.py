@@ -8,7 +8,6 @@ are checked, and mostly missed, on CPU: the point there is that the code runs).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 
 import gpu
 import torch
-from _measure import ROOT, full_attention, group_size_for, make_inputs, timed_peak
+from _measure import ROOT, full_attention, group_size_for, make_inputs, src_env, timed_peak
 
 from longlora.attention import resolve_backend, s2_attention, token_layout
 
@@ -52,10 +51,8 @@ def run_gpu_tests(timeout: float) -> dict:
     """`pytest -m gpu` in a subprocess: its counts, exit status and the tail of its output."""
     files = gpu_test_files()
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files]
-    # this checkout's src first: the device has the tree, not an installed longlora
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+        done = subprocess.run(command, cwd=ROOT, env=src_env(), capture_output=True, text=True,
                               timeout=max(10.0, timeout))
     except subprocess.TimeoutExpired:
         return dict(command=" ".join(command), returncode=None, error=f"timed out after {timeout:.0f}s")
@@ -256,11 +253,11 @@ def speed(ctx) -> dict:
 
 MEMORY_MODELS = ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-1B")
 SMOKE_MEMORY = dict(start=64, limit=128, layers=2)
+"""Smoke: the smoke width (memory.SMOKE_WIDTH), 2 layers, 64 -> 128 tokens; the GPU run doubles from 32k up to
+1M tokens or until a step does not fit."""
 FULL_COMPARISON_MAX = 65536
 """S2 vs full attention is timed at the longest length both fit up to this one (64k): full attention's step at
 256k+ would take minutes of the budget."""
-"""Smoke: the smoke width (memory.SMOKE_WIDTH), 2 layers, 64 -> 128 tokens; the GPU run doubles from 32k up to
-1M tokens or until a step does not fit."""
 
 
 def longest_fit(lengths: list[int], try_length) -> tuple[list[dict], int]:

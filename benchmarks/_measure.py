@@ -131,22 +131,13 @@ def time_and_peak(step, device, repeats, exclude=(), warmup=1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with PeakTensorMemory(exclude=exclude) as tracker:
-            step()
-        peak = tracker.peak
+    _, peak = timed_peak(step, device, exclude)
     return (sorted(times)[len(times) // 2] if times else float("nan")), peak
 
 
-def timed_peak(step, device):
-    """Seconds and peak bytes of one run of `step()` (both from the same run: for steps too long to run twice)."""
+def timed_peak(step, device, exclude=()):
+    """Seconds and peak bytes of one run of `step()` (both from the same run: for steps too long to run twice).
+    exclude: tensors the CPU count leaves out (the inputs)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -156,11 +147,18 @@ def timed_peak(step, device):
         step()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
-    with PeakTensorMemory() as tracker:
+    with PeakTensorMemory(exclude=exclude) as tracker:
         t0 = time.perf_counter()
         step()
         seconds = time.perf_counter() - t0
     return seconds, tracker.peak
+
+
+def src_env(**extra) -> dict:
+    """The environment for a subprocess that imports this checkout's longlora (src/ first on PYTHONPATH: the device
+    has the tree, not an installed package), plus `extra` variables."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+                **extra)
 
 
 def group_size_for(length: int, ratio: float = 0.25) -> int:

@@ -201,9 +201,10 @@ def _free_port() -> int:
 
 
 def gloo_runs(worlds, length, group, hidden, layers, repeats, tmp: Path, layout: str = "regular") -> list[dict]:
+    from _measure import src_env
+
     rows = []
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = src_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for world in worlds:
         out = tmp / f"gloo_{layout}_{world}.json"
         out.unlink(missing_ok=True)  # a row left by an interrupted run must not stand in for this one

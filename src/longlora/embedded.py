@@ -198,15 +198,21 @@ def stdlib_texts(split: str) -> list[str]:
     return [(root / p).read_bytes().decode("utf-8", errors="replace") for p in (train if split == "train" else heldout)]
 
 
+def even_sample(items: list, limit: int | None) -> list:
+    """Every k-th of `items`, at most `limit` of them (all for None): a short run still sees every part of the
+    library."""
+    if limit is None:
+        return items
+    return items[:: max(1, len(items) // limit)][:limit]
+
+
 def write_stdlib_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> Path:
     """One split as a directory of the stdlib's files (the corpus format `longlora train` and `eval` read), replacing
-    `directory`. limit: an even sample of that many files, so that a short run still sees every part of the library."""
+    `directory`. limit: an even sample of that many files (`even_sample`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     train, heldout = stdlib_split()
-    paths = train if split == "train" else heldout
-    if limit is not None:
-        paths = paths[:: max(1, len(paths) // limit)][:limit]
+    paths = even_sample(train if split == "train" else heldout, limit)
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
