@@ -21,10 +21,10 @@ AdamW alone (best of 3e-3 / 6e-3 / 1e-2) reached only 142 at 256 with the same c
 The recipe's result ships with the package (`longlora/embedded_base/`: float16 safetensors, 4.8 MB, and the
 tokenizer), so a first run starts at once. `embedded_model_path()` returns that copy; `rebuild=True`
 (`longlora quickstart --rebuild-base`) makes it again from the recipe into the cache (~15 minutes at 1 thread
-on an idle AVX2 core, 892 s for the shipped build; needs torch >= 2.9 for Muon). `build_base_model(dir)` builds one on demand and `ship_model`
-writes a build in the shipped form (`python -m longlora.embedded_shipping` does both; longlora.embedded_shipping
-holds the shipped copy, the cache and `embedded_model_path`). Every write is atomic: an
-interrupted build leaves nothing behind.
+on an idle AVX2 core, 892 s for the shipped build; needs torch >= 2.9 for Muon). `build_base_model(dir)` builds
+one on demand and `ship_model` writes a build in the shipped form (`python -m longlora.embedded_shipping` does
+both; longlora.embedded_shipping holds the shipped copy, the cache and `embedded_model_path`). Every write is
+atomic: an interrupted build leaves nothing behind.
 """
 
 from __future__ import annotations
